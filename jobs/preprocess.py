@@ -1,0 +1,200 @@
+"""Decode videos into clip Parquet (frames + audio + log-mel) with Ray Data, streaming.
+
+INPUT is any mix of files, folders (searched recursively for video extensions), globs and
+manifests (.csv / .jsonl with a `path` column; other columns are carried into every clip row).
+Writes OUT/clips/*.parquet (one row per clip), OUT/errors/*.parquet (one row per file that
+gave no clips, with the reason) and OUT/summary.json. Rerunning with the same OUT skips
+finished files; --overwrite starts over. Runs on the Ray cluster at --address / RAY_ADDRESS,
+or on a local Ray it starts.
+
+example:
+  avray preprocess videos/ extra.mp4 labels.csv --out data/ --clip-seconds 2 --fps 8 --size 224
+  python -c "import pyarrow.parquet as pq; print(pq.read_table('data/clips').num_rows)"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Settings that change what a clip contains: a rerun into the same OUT must keep them.
+_CONTENT_KEYS = ("clip_seconds", "hop_seconds", "fps", "size", "resize", "sample_rate",
+                 "n_mels", "n_fft", "hop_length", "win_length")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    inputs: tuple[str, ...] = field(metadata={"help": "files, folders, globs or .csv/.jsonl manifests", "positional": True})
+    out: str = field(metadata={"help": "output folder (or s3://... URI)", "short": "-o"})
+    clip_seconds: float = field(default=2.0, metadata={"help": "clip length in seconds"})
+    hop_seconds: float | None = field(default=None, metadata={"help": "seconds between clip starts (default: clip length)"})
+    fps: float = field(default=8.0, metadata={"help": "frames sampled per second of video"})
+    size: int = field(default=224, metadata={"help": "output frame side in pixels"})
+    resize: str = field(default="crop", metadata={"help": "crop: short side to SIZE then centre crop; letterbox: long side to SIZE then pad", "choices": ("crop", "letterbox")})
+    sample_rate: int = field(default=16000, metadata={"help": "audio sampling rate (Hz), mono"})
+    n_mels: int = field(default=64, metadata={"help": "mel bands of the stored log-mel"})
+    n_fft: int = field(default=512, metadata={"help": "FFT size of the log-mel"})
+    hop_length: int = field(default=160, metadata={"help": "log-mel hop in samples"})
+    win_length: int = field(default=400, metadata={"help": "log-mel window in samples"})
+    max_pixels: int = field(default=3840 * 2160, metadata={"help": "larger videos become error rows"})
+    max_seconds: float = field(default=4 * 3600.0, metadata={"help": "longer videos become error rows"})
+    allow_scheme: tuple[str, ...] = field(default=(), metadata={"help": "URI schemes to open besides local files (http, https, s3, rtmp)"})
+    batch_clips: int = field(default=8, metadata={"help": "clips per log-mel batch and Parquet row group"})
+    address: str | None = field(default=None, metadata={"help": "Ray address (default: RAY_ADDRESS, else start a local Ray)"})
+    num_cpus: int | None = field(default=None, metadata={"help": "CPUs of the local Ray it starts (default: all)"})
+    overwrite: bool = field(default=False, metadata={"help": "delete what OUT holds and start over"})
+    retry_failed: bool = field(default=False, metadata={"help": "try the files in OUT/errors again"})
+
+
+def _settings(cfg: PreprocessConfig, carried_names: list[str]) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    return {**{k: d[k] for k in _CONTENT_KEYS}, "carried_columns": carried_names}
+
+
+def _ingest_config(cfg: PreprocessConfig):
+    from pipelines.decode import DecodeConfig
+    from pipelines.ingest import IngestConfig
+    from pipelines.spectrogram import SpectrogramConfig
+
+    decode = DecodeConfig(clip_seconds=cfg.clip_seconds, hop_seconds=cfg.hop_seconds, fps=cfg.fps,
+                          size=cfg.size, resize=cfg.resize, sample_rate=cfg.sample_rate,
+                          max_pixels=cfg.max_pixels, max_seconds=cfg.max_seconds,
+                          allowed_schemes=tuple(cfg.allow_scheme))
+    spec = SpectrogramConfig(sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, win_length=cfg.win_length,
+                             hop_length=cfg.hop_length, n_mels=cfg.n_mels)
+    return IngestConfig(decode=decode, spectrogram=spec, batch_clips=cfg.batch_clips)
+
+
+def run(cfg: PreprocessConfig) -> int:
+    import pyarrow as pa
+    import ray
+
+    from pipelines.clipstore import CLIPS, ERRORS, ClipStore
+    from pipelines.ingest import SUMMARY_SCHEMA, ingest_dataset
+    from pipelines.schema import ERROR_SCHEMA, clip_schema, error_row
+    from pipelines.sources import carried_schema, list_sources
+
+    t_start = time.perf_counter()
+    icfg = _ingest_config(cfg)
+    sources = list_sources(cfg.inputs)
+    if sources.num_rows == 0:
+        raise ValueError(f"no video files found in {list(cfg.inputs)}")
+    carried = carried_schema(sources)
+    schema = clip_schema(carried)
+
+    store = ClipStore(cfg.out)
+    if cfg.overwrite:
+        store.clear()
+    store.create()
+    settings = _settings(cfg, carried.names)
+    previous = store.read_json("_config.json")
+    if previous is not None and previous != settings:
+        diff = {k: (previous.get(k), settings[k]) for k in settings if previous.get(k) != settings[k]}
+        raise ValueError(f"{cfg.out} holds clips made with other settings {diff} (old, new); "
+                         "use --overwrite or another --out")
+    store.write_json("_config.json", settings)
+    if (n := store.remove_temporaries()):
+        log.info("removed %d unfinished part(s) of an interrupted run", n)
+    if cfg.retry_failed:
+        fs, _ = store.fs_root
+        for p in store.list_parts(ERRORS).values():
+            fs.delete_file(p)
+
+    done = set(store.list_parts(CLIPS)) | set(store.list_parts(ERRORS))
+    ids = sources.column("video_id").to_pylist()
+    pending = sources.filter(pa.array([v not in done for v in ids]))
+    log.info("%d input file(s): %d already done, %d to process", len(ids), len(ids) - pending.num_rows,
+             pending.num_rows)
+
+    started_ray = False
+    if not ray.is_initialized():
+        address = cfg.address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, num_cpus=None if address else cfg.num_cpus,
+                 log_to_driver=True, include_dashboard=False)
+        started_ray = True
+    rows: list[dict[str, Any]] = []
+    try:
+        if pending.num_rows:
+            import ray.data
+            ctx = ray.data.DataContext.get_current()
+            ctx.max_errored_blocks = pending.num_rows  # a crashed worker costs its file, not the job
+            last = time.perf_counter()
+            for batch in ingest_dataset(pending, store, icfg, schema).iter_batches(
+                    batch_size=None, batch_format="pyarrow"):
+                rows.extend(batch.to_pylist())
+                if time.perf_counter() - last > 10:
+                    last = time.perf_counter()
+                    log.info("%d/%d files, %d clips", len(rows), pending.num_rows, sum(r["clips"] for r in rows))
+        # Files whose task died (worker crash) have no summary row and, unless the task got
+        # as far as committing a part, no part either: record them as errors.
+        seen = {r["video_id"] for r in rows}
+        have = set(store.list_parts(CLIPS)) | set(store.list_parts(ERRORS))
+        for src in pending.select(["path", "video_id"]).to_pylist():
+            if src["video_id"] not in seen and src["video_id"] not in have:
+                row = error_row(src["path"], src["video_id"], "worker", "the worker processing this file died")
+                store.write_error(row, ERROR_SCHEMA)
+                rows.append({**{k: None for k in SUMMARY_SCHEMA.names}, **row, "status": "failed",
+                             "clips": 0, "media_seconds": 0.0, "frames_decoded": 0, "seconds": 0.0})
+    except KeyboardInterrupt:
+        log.warning("interrupted: finished files are kept; rerun the same command to continue")
+        raise
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+    summary = _summarise(rows, store, len(ids) - pending.num_rows, time.perf_counter() - t_start)
+    store.write_json("summary.json", summary)
+    print(_format_summary(summary, cfg.out))
+    return 0
+
+
+def _summarise(rows: list[dict[str, Any]], store, skipped: int, wall: float) -> dict[str, Any]:
+    from pipelines.clipstore import CLIPS, ERRORS
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    failed = [r for r in rows if r["status"] == "failed"]
+    media = sum(r["media_seconds"] or 0.0 for r in ok)
+    frames = sum(r["frames_decoded"] or 0 for r in rows)
+    clip_parts, error_parts = store.list_parts(CLIPS), store.list_parts(ERRORS)
+    return {
+        "run": {
+            "files": len(rows) + skipped, "files_ok": len(ok), "files_failed": len(failed),
+            "files_skipped_done": skipped + sum(r["status"] == "skipped" for r in rows),
+            "clips": sum(r["clips"] for r in ok), "media_seconds": round(media, 3),
+            "frames_decoded": frames, "wall_seconds": round(wall, 3),
+            "media_seconds_per_second": round(media / wall, 3) if wall else 0.0,
+            "frames_decoded_per_second": round(frames / wall, 1) if wall else 0.0,
+            "failed": [{k: r[k] for k in ("path", "stage", "error_type", "message")} for r in failed],
+        },
+        "out": {"files_ok": len(clip_parts), "files_failed": len(error_parts),
+                "clips": store.count_rows(clip_parts.values()),
+                "clips_dir": store.path(CLIPS), "errors_dir": store.path(ERRORS)},
+    }
+
+
+def _format_summary(s: dict[str, Any], out: str) -> str:
+    r, o = s["run"], s["out"]
+    lines = [
+        f"avray preprocess: {r['files']} file(s): {r['files_ok']} ok, {r['files_failed']} failed, "
+        f"{r['files_skipped_done']} already done",
+        f"  this run: {r['clips']} clips from {r['media_seconds']:.1f} media s in {r['wall_seconds']:.1f} s "
+        f"({r['media_seconds_per_second']:.1f} media s/s, {r['frames_decoded_per_second']:.0f} decoded frames/s)",
+        f"  {out}: {o['clips']} clips from {o['files_ok']} file(s) in {o['clips_dir']}",
+    ]
+    if o["files_failed"]:
+        lines.append(f"  {o['files_failed']} failed file(s) listed in {o['errors_dir']}")
+    for f in r["failed"][:10]:
+        lines.append(f"    {f['path']}: {f['stage']}: {f['error_type']}: {f['message']}")
+    if len(r["failed"]) > 10:
+        lines.append(f"    ... and {len(r['failed']) - 10} more")
+    lines.append(f"  read: pyarrow.parquet.read_table('{o['clips_dir']}') or ray.data.read_parquet(...)")
+    return "\n".join(lines)
+
+
+CONFIG = PreprocessConfig

@@ -1,0 +1,131 @@
+"""Ingest: one source file -> one clips part (or one error row), and the Ray Data stage around it.
+
+`ingest_file` is the plain function (decode -> batched log-mel -> Parquet part), unit-tested
+without Ray. `ingest_dataset` wraps it in a streaming Ray Data pipeline: sources are spread one
+per block, `map_batches` runs one task per file on one CPU (decode is the bottleneck and is
+single-threaded per file, so tasks beat a shared actor pool here), and the only thing that
+flows back to the driver is one small summary row per file.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipelines.clipstore import CLIPS, ERRORS, ClipStore
+from pipelines.decode import Clip, DecodeConfig, MediaInfo, MediaReader
+from pipelines.schema import ERROR_SCHEMA, encode_tensor, error_row
+from pipelines.spectrogram import SpectrogramConfig, log_mel
+
+log = logging.getLogger(__name__)
+
+# One row per input file, returned to the driver.
+SUMMARY_SCHEMA = pa.schema([
+    ("video_id", pa.string()), ("path", pa.string()),
+    ("status", pa.string()),           # ok | failed | skipped (part already there, e.g. a retried task)
+    ("clips", pa.int64()), ("media_seconds", pa.float64()), ("frames_decoded", pa.int64()),
+    ("seconds", pa.float64()),         # wall time spent on the file
+    ("stage", pa.string()), ("error_type", pa.string()), ("message", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    spectrogram: SpectrogramConfig = field(default_factory=SpectrogramConfig)
+    batch_clips: int = 8  # clips per log-mel batch and per Parquet row group
+
+    def __post_init__(self) -> None:
+        if self.decode.sample_rate != self.spectrogram.sample_rate:
+            raise ValueError("decode and spectrogram sample rates differ")
+        if self.batch_clips < 1:
+            raise ValueError(f"batch_clips must be >= 1, got {self.batch_clips}")
+
+
+def clip_rows(clips: list[Clip], vid: str, path: str, info: MediaInfo, cfg: IngestConfig,
+              carried: dict[str, Any]) -> list[dict[str, Any]]:
+    """Clip rows for a batch of clips of one file, with their log-mel computed in one call."""
+    audio = torch.from_numpy(np.stack([c.audio for c in clips]))  # (B, S)
+    mels = log_mel(audio, cfg.spectrogram).numpy()  # (B, M, N)
+    rows = []
+    for clip, mel in zip(clips, mels):
+        frames, frames_shape = encode_tensor("frames", clip.frames)
+        wav, wav_shape = encode_tensor("audio", clip.audio)
+        lm, lm_shape = encode_tensor("logmel", mel)
+        rows.append({
+            "video_id": vid, "clip_id": f"{vid}-{clip.index:05d}", "source_path": path,
+            "clip_index": clip.index, "start_s": clip.start_s, "end_s": clip.end_s,
+            "fps": cfg.decode.fps, "sample_rate": cfg.decode.sample_rate,
+            "frames": frames, "frames_shape": frames_shape, "audio": wav, "audio_shape": wav_shape,
+            "logmel": lm, "logmel_shape": lm_shape, "has_audio": info.has_audio,
+            "video_stream": info.video_stream, "audio_stream": info.audio_stream,
+            "src_width": info.src_width, "src_height": info.src_height, "src_fps": info.src_fps,
+            "rotation": info.rotation, **carried,
+        })
+    return rows
+
+
+def ingest_file(source: dict[str, Any], store: ClipStore, cfg: IngestConfig, schema: pa.Schema) -> dict[str, Any]:
+    """Decode one source into `OUT/clips/<video_id>.parquet`, or record why not in
+    `OUT/errors/<video_id>.parquet`. Never raises for bad media; returns a summary row."""
+    vid, path = source["video_id"], source["path"]
+    carried = {k: v for k, v in source.items() if k not in ("path", "video_id")}
+    summary = {"video_id": vid, "path": path, "status": "ok", "clips": 0, "media_seconds": 0.0,
+               "frames_decoded": 0, "seconds": 0.0, "stage": None, "error_type": None, "message": None}
+    if vid in store.list_parts(CLIPS) or vid in store.list_parts(ERRORS):  # a retried task
+        return {**summary, "status": "skipped"}
+    t0 = time.perf_counter()
+    stage = "open"
+    reader = None
+    try:
+        reader = MediaReader(path, cfg.decode)
+        stage = "decode"
+        with reader, store.open_part(CLIPS, vid, schema) as part:
+            batch: list[Clip] = []
+
+            def flush() -> None:
+                part.write(pa.Table.from_pylist(clip_rows(batch, vid, path, reader.info, cfg, carried), schema))
+                summary["clips"] += len(batch)
+                batch.clear()
+
+            for clip in reader.clips():
+                batch.append(clip)
+                if len(batch) == cfg.batch_clips:
+                    flush()
+            if batch:
+                flush()
+            stage = "write"
+        summary["media_seconds"] = reader.media_seconds
+    except Exception as e:  # bad media must not fail the job: it becomes an error row
+        row = error_row(path, vid, getattr(e, "stage", stage), e)
+        store.write_error(row, ERROR_SCHEMA)
+        summary.update(status="failed", clips=0, stage=row["stage"], error_type=row["error_type"],
+                       message=row["message"])
+        log.debug("failed %s: %s", path, e)
+    summary["frames_decoded"] = reader.frames_decoded if reader is not None else 0
+    summary["seconds"] = time.perf_counter() - t0
+    return summary
+
+
+def _ingest_batch(batch: pa.Table, store: ClipStore, cfg: IngestConfig, schema: pa.Schema) -> pa.Table:
+    """Ray Data UDF: a batch of source rows -> their summary rows."""
+    torch.set_num_threads(1)
+    rows = [ingest_file(src, store, cfg, schema) for src in batch.to_pylist()]
+    return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
+
+
+def ingest_dataset(sources: pa.Table, store: ClipStore, cfg: IngestConfig, schema: pa.Schema,
+                   max_blocks: int = 10_000):
+    """A lazy Ray Dataset of summary rows; iterating it runs the ingest, streaming."""
+    import ray.data
+
+    n = max(1, min(sources.num_rows, max_blocks))
+    ds = ray.data.from_items(sources.to_pylist(), override_num_blocks=n)
+    return ds.map_batches(_ingest_batch, batch_size=1, batch_format="pyarrow", num_cpus=1,
+                          fn_kwargs={"store": store, "cfg": cfg, "schema": schema})

@@ -1,0 +1,136 @@
+"""The clip and error tables: one schema, defined here and nowhere else.
+
+Tensors are stored as raw little-endian bytes in a `binary` column plus an `<name>_shape`
+column (`list<int32>`): pyarrow writes a binary column at ~1,100 MB/s but a nested
+`fixed_size_list` at ~85 MB/s (measured, DESIGN.md), and Ray Data would otherwise store a
+numpy column as `large_list<uint8>`. Any Parquet reader can read the table; `decode_tensor`
+and `decode_clip_batch` turn the blobs back into arrays.
+
+Clip row (`OUT/clips/*.parquet`):
+
+| column | type | meaning |
+|---|---|---|
+| video_id | string | 16 hex chars, sha1 of the resolved source path |
+| clip_id | string | `<video_id>-<clip_index:05d>` |
+| source_path | string | resolved path of the input file |
+| clip_index | int32 | 0-based index of the clip within the file |
+| start_s, end_s | float64 | clip span in media seconds (from the container start) |
+| fps | float32 | frame sampling rate of `frames` |
+| sample_rate | int32 | sampling rate of `audio` |
+| frames | binary | uint8 (T, H, W, 3) RGB |
+| frames_shape | list<int32> | [T, H, W, 3] |
+| audio | binary | float32 (S,) mono, silence when `has_audio` is false |
+| audio_shape | list<int32> | [S] |
+| logmel | binary | float32 (M, N) log-mel spectrogram of `audio` |
+| logmel_shape | list<int32> | [M, N] |
+| has_audio | bool | the file has an audio stream |
+| video_stream, audio_stream | int16 | stream indices used (-1: none) |
+| src_width, src_height | int32 | displayed size of the source video (after rotation) |
+| src_fps | float32 | average frame rate of the source video stream (0 if unknown) |
+| rotation | int16 | rotation applied from the stream's display matrix (degrees) |
+| *carried* | any | every other manifest column, same value on each clip of the file |
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import pyarrow as pa
+
+SHAPE_TYPE = pa.list_(pa.int32())
+
+# name -> numpy dtype of each tensor column (stored little-endian).
+TENSOR_DTYPES: dict[str, np.dtype] = {
+    "frames": np.dtype("uint8"),
+    "audio": np.dtype("<f4"),
+    "logmel": np.dtype("<f4"),
+}
+
+CLIP_SCHEMA = pa.schema([
+    pa.field("video_id", pa.string(), nullable=False),
+    pa.field("clip_id", pa.string(), nullable=False),
+    pa.field("source_path", pa.string(), nullable=False),
+    pa.field("clip_index", pa.int32(), nullable=False),
+    pa.field("start_s", pa.float64(), nullable=False),
+    pa.field("end_s", pa.float64(), nullable=False),
+    pa.field("fps", pa.float32(), nullable=False),
+    pa.field("sample_rate", pa.int32(), nullable=False),
+    pa.field("frames", pa.binary(), nullable=False),
+    pa.field("frames_shape", SHAPE_TYPE, nullable=False),
+    pa.field("audio", pa.binary(), nullable=False),
+    pa.field("audio_shape", SHAPE_TYPE, nullable=False),
+    pa.field("logmel", pa.binary(), nullable=False),
+    pa.field("logmel_shape", SHAPE_TYPE, nullable=False),
+    pa.field("has_audio", pa.bool_(), nullable=False),
+    pa.field("video_stream", pa.int16(), nullable=False),
+    pa.field("audio_stream", pa.int16(), nullable=False),
+    pa.field("src_width", pa.int32(), nullable=False),
+    pa.field("src_height", pa.int32(), nullable=False),
+    pa.field("src_fps", pa.float32(), nullable=False),
+    pa.field("rotation", pa.int16(), nullable=False),
+])
+
+# One row per input file that produced no clips.
+ERROR_SCHEMA = pa.schema([
+    pa.field("path", pa.string(), nullable=False),
+    pa.field("video_id", pa.string(), nullable=False),
+    pa.field("stage", pa.string(), nullable=False),        # open | probe | decode | spectrogram | write | worker
+    pa.field("error_type", pa.string(), nullable=False),   # exception class name, e.g. InvalidDataError
+    pa.field("message", pa.string(), nullable=False),
+])
+
+
+def clip_schema(carried: pa.Schema | None = None) -> pa.Schema:
+    """The clip schema followed by the carried manifest columns (which may not shadow clip columns)."""
+    if carried is None or len(carried) == 0:
+        return CLIP_SCHEMA
+    clash = sorted(set(carried.names) & set(CLIP_SCHEMA.names))
+    if clash:
+        raise ValueError(f"manifest column(s) {clash} collide with clip columns; rename them")
+    return pa.schema(list(CLIP_SCHEMA) + list(carried))
+
+
+def encode_tensor(name: str, array: np.ndarray) -> tuple[bytes, list[int]]:
+    """Array -> (raw bytes, shape) for tensor column `name`; casts to the column's dtype."""
+    a = np.ascontiguousarray(array, dtype=TENSOR_DTYPES[name])
+    return a.tobytes(), list(a.shape)
+
+
+def decode_tensor(name: str, blob: bytes | memoryview, shape: Iterable[int]) -> np.ndarray:
+    """(raw bytes, shape) -> read-only array view of tensor column `name` (no copy)."""
+    return np.frombuffer(blob, dtype=TENSOR_DTYPES[name]).reshape(tuple(int(s) for s in shape))
+
+
+def decode_clip_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """Turn a columnar batch (dict of numpy arrays, as Ray Data's `map_batches` or
+    `pyarrow.Table.to_pydict` give) into arrays: each tensor column present becomes a stacked
+    array `(B, *shape)` when all rows share a shape, else a list of arrays; its `_shape`
+    column is dropped. Other columns pass through unchanged.
+
+    frames -> uint8 (B, T, H, W, 3); audio -> float32 (B, S); logmel -> float32 (B, M, N).
+    """
+    out = {k: v for k, v in batch.items() if not (k.endswith("_shape") and k[:-6] in TENSOR_DTYPES)}
+    for name in TENSOR_DTYPES:
+        if name not in batch:
+            continue
+        blobs, shapes = batch[name], batch[f"{name}_shape"]
+        arrays = [decode_tensor(name, b, s) for b, s in zip(blobs, shapes)]
+        if arrays and all(a.shape == arrays[0].shape for a in arrays):
+            out[name] = np.stack(arrays)
+        else:
+            out[name] = arrays
+    return out
+
+
+def clip_rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Clip row dicts (tensors already encoded) -> a table with exactly `schema`."""
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def error_row(path: str, video_id: str, stage: str, exc: BaseException | str) -> dict[str, str]:
+    """One error-table row for a file that failed at `stage`."""
+    if isinstance(exc, BaseException):
+        return {"path": path, "video_id": video_id, "stage": stage,
+                "error_type": type(exc).__name__, "message": str(exc) or repr(exc)}
+    return {"path": path, "video_id": video_id, "stage": stage, "error_type": "Error", "message": exc}
