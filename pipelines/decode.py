@@ -48,6 +48,10 @@ class UnsupportedSource(MediaError):
     stage = "open"
 
 
+class UnreadableMedia(MediaError):
+    stage = "open"
+
+
 class NoVideoStream(MediaError):
     stage = "probe"
 
@@ -213,7 +217,7 @@ class MediaReader:
         try:
             self.container = av.open(path, options={"protocol_whitelist": whitelist})
         except av.error.FFmpegError as e:
-            raise UnsupportedSource(f"FFmpeg cannot open it: {e.strerror or e}") from e
+            raise UnreadableMedia(f"FFmpeg cannot open it: {e.strerror or e}") from e
         try:
             self.info = self._probe()
         except BaseException:
@@ -372,13 +376,14 @@ class MediaReader:
         while pending:
             add_frame(pending.pop(0), heapq.heappop(times))
 
-        # End of stream: flush the resampler; the last frame lasts one frame period.
+        # End of stream: flush the resampler; the last frame lasts its stated duration, else one period.
         if resampler is not None:
             for out in resampler.resample(None):
                 add_audio(out.to_ndarray().mean(axis=0), None)
         if prev_frame is None:
             raise TruncatedMedia("no video frame could be decoded")
-        video_end = prev_time + frame_period
+        last = float(prev_frame.duration * prev_frame.time_base) if prev_frame.duration and prev_frame.time_base else 0.0
+        video_end = prev_time + (last if last > 0 else frame_period)
         self.media_seconds = video_end
         declared = self.info.declared_seconds
         if declared is not None and video_end < declared - max(1.0, 0.1 * declared):

@@ -3,7 +3,7 @@
 A scene has 1..max_objects objects of distinct (shape, colour), hence distinct kinds and
 distinct sounds (`synth_audio.SOUND_TABLE`). Objects move smoothly (linear with bounces, or
 sinusoidal), stay fully inside the frame, are 18-30% of the frame side and start with box
-IoU < 0.1. Each object sounds on segments of 0.5-2 s (on with p=0.6); every scene has one
+IoU < 0.1 (paths are resampled, when possible, until no two boxes ever overlap by IoU > 0.25). Each object sounds on segments of 0.5-2 s (on with p=0.6); every scene has one
 object sounding >= 30% of the frames and a frame where exactly one object sounds. A
 sounding object visibly reacts to its own sound: its drawn size is scaled by
 `1 + PULSE * envelope`, envelope = its RMS over each frame period / its maximum; silent
@@ -11,8 +11,8 @@ frames are drawn unscaled. Everything is a function of `numpy.random.default_rng
 
 Files written per scene by `write_scene` (`scene_{index:05d}` stem):
 
-- `.mp4`: H.264 (libx264, yuv420p, 1 thread: byte-identical reruns) at `fps`, size x size,
-  plus AAC mono at `sample_rate`: the mixture, i.e. the sum of the object tracks;
+- `.mp4`: H.264 (libx264, yuv420p, 1 thread, no B-frames: byte-identical reruns) at `fps`,
+  size x size, plus AAC mono at `sample_rate`: the mixture, i.e. the sum of the object tracks;
 - `_obj{k}.wav`: object k's clean track, float32 mono, exactly round(seconds * sample_rate)
   samples, already gated and scaled (the mixture is their plain sum);
 - `.json`: ground truth::
@@ -321,8 +321,8 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], audio: np.ndarra
                 sample_rate: int, crf: int = 23, preset: str = "veryfast") -> int:
     """Encode RGB frames uint8 (H, W, 3) and mono audio float32 (S,) into an MP4 with PyAV.
 
-    H.264 (libx264, yuv420p, one thread so reruns are byte-identical) and AAC mono, packets
-    interleaved in time. Returns the number of video frames written.
+    H.264 (libx264, yuv420p, one thread and no B-frames so reruns are byte-identical) and AAC
+    mono, packets interleaved in time. Returns the number of video frames written.
     """
     import av
 
@@ -333,8 +333,11 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], audio: np.ndarra
         raise ValueError("write_video needs at least one frame")
     container = av.open(str(path), "w", format="mp4", options={"fflags": "+bitexact"})
     try:
-        vstream = container.add_stream("libx264", rate=fps,
-                                       options={"crf": str(crf), "preset": preset, "threads": "1"})
+        # bframes=0: with B-frames this libx264 (core 165) gave different bytes from run to run on
+        # some small frames (64, 96 px; measured) even with one thread; without them it is stable,
+        # costs ~10% bytes, and decode order == display order.
+        vstream = container.add_stream("libx264", rate=fps, options={
+            "crf": str(crf), "preset": preset, "threads": "1", "x264-params": "bframes=0"})
         vstream.height, vstream.width = first.shape[:2]
         vstream.pix_fmt = "yuv420p"
         vstream.codec_context.thread_count = 1

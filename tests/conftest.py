@@ -1,0 +1,27 @@
+"""Shared fixtures: one session-scoped local Ray, paths to real media."""
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+SHARED_MEDIA = ROOT.parent / "shared" / "media"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A 2-CPU local Ray for the whole session, always shut down."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def shared_media() -> Path:
+    if not SHARED_MEDIA.is_dir():
+        pytest.skip("../shared/media is absent")
+    return SHARED_MEDIA

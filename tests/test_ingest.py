@@ -1,0 +1,160 @@
+"""`avray preprocess` on a local Ray: generated scenes + real videos + a corrupted corpus.
+
+Exact clip counts per good file, exactly the bad files in errors, carried manifest columns,
+an identical second run, and no partial file counted as done.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.cli import main
+from jobs.preprocess import PreprocessConfig, run
+from pipelines.clipstore import CLIPS, ClipStore
+from pipelines.schema import CLIP_SCHEMA, ERROR_SCHEMA, decode_clip_batch
+from pipelines.sources import video_id
+from tests import mediagen
+from tests.conftest import SHARED_MEDIA
+
+pytestmark = pytest.mark.slow
+
+OPTS = dict(clip_seconds=1.0, fps=4.0, size=32)
+# real videos in ../shared/media/video -> whole 1 s clips (last clip may end half a frame late)
+SHARED_CLIPS = {"grid_bbaf2n.mpg": 3, "grid_lwbsza.mpg": 3, "kinetics_test.avi": 6, "nasa_13013.mp4": 13,
+                "no_duration.webm": 5, "big_buck_bunny_0_30.webm": 30}
+# damaged copies of a good 4 s mp4, and what stops each (see tests/mediagen.py)
+BAD = {"truncated_10.mp4": "open", "truncated_50.mp4": "open", "truncated_90.mp4": "open",
+       "header_flipped.mp4": "open", "empty.mp4": "open", "text.mp4": "open", "flipped.mp4": "probe"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, dict[str, int]]:
+    root = tmp_path_factory.mktemp("corpus")
+    expected: dict[str, int] = {}
+    assert main(["synth", "--out", str(root / "scenes"), "--videos", "3", "--seed", "7", "--seconds", "3",
+                 "--size", "64", "--fps", "10"]) == 0
+    for i in range(3):
+        expected[str(root / "scenes" / f"scene_{i:05d}.mp4")] = 3
+    # the scenes through a manifest whose columns are carried into every clip row
+    rows = ["path,label,split"] + [f"scene_{i:05d}.mp4,{i * 10},{'val' if i == 2 else 'train'}" for i in range(3)]
+    (root / "scenes" / "manifest.csv").write_text("\n".join(rows) + "\n")
+    mediagen.write_video(root / "edge" / "mute.mp4", seconds=2.0, audio=False)
+    mediagen.write_video(root / "edge" / "vfr.mkv", seconds=3.0, vfr=True)
+    mediagen.write_video(root / "edge" / "rotated.mp4", seconds=2.0, rotation=90)
+    expected.update({str(root / "edge" / "mute.mp4"): 2, str(root / "edge" / "vfr.mkv"): 3,
+                     str(root / "edge" / "rotated.mp4"): 2})
+    mediagen.write_video(root / "edge" / "short.mp4", seconds=0.5)  # shorter than a clip: an error row
+    good = mediagen.write_video(root / "good.mp4", seconds=4.0)
+    mediagen.make_corrupt_corpus(good, root / "bad")
+    if SHARED_MEDIA.is_dir():
+        for name, n in SHARED_CLIPS.items():
+            shutil.copy(SHARED_MEDIA / "video" / name, root / "edge" / name)
+            expected[str(root / "edge" / name)] = n
+    return root, expected
+
+
+def _cfg(root: Path, out: Path, **kw) -> PreprocessConfig:
+    return PreprocessConfig(inputs=(str(root / "scenes" / "manifest.csv"), str(root / "edge"), str(root / "bad")),
+                            out=str(out), **OPTS, **kw)
+
+
+def _clips(out: Path) -> pa.Table:
+    return pq.read_table(out / "clips").sort_by("clip_id")
+
+
+def test_preprocess_counts_errors_and_idempotent_rerun(ray_local, corpus, tmp_path, capsys):
+    root, expected = corpus
+    out = tmp_path / "out"
+    assert run(_cfg(root, out)) == 0
+    printed = capsys.readouterr().out
+    table = _clips(out)
+
+    # exact clips per good file, and the clip schema plus the carried columns
+    counts = dict(zip(*np.unique(table.column("source_path").to_numpy(zero_copy_only=False), return_counts=True)))
+    assert counts == expected
+    assert table.schema.names == CLIP_SCHEMA.names + ["label", "split"]
+    assert len(set(table.column("clip_id").to_pylist())) == table.num_rows
+    scenes = table.filter(pa.compute.starts_with(table.column("source_path"), str(root / "scenes")))
+    assert sorted(set(zip(scenes.column("label").to_pylist(), scenes.column("split").to_pylist()))) == [
+        (0, "train"), (10, "train"), (20, "val")]
+    edge = table.filter(pa.compute.is_null(table.column("label")))
+    assert edge.num_rows == sum(n for p, n in expected.items() if "/scenes/" not in p)
+
+    # exactly the bad files in errors, with the stage that refused them
+    errors = pq.read_table(out / "errors")
+    assert errors.schema == ERROR_SCHEMA
+    got = {Path(p).name: s for p, s in zip(errors.column("path").to_pylist(), errors.column("stage").to_pylist())}
+    assert got == {**BAD, "short.mp4": "decode"}
+    short = errors.filter(pa.compute.ends_with(errors.column("path"), "short.mp4")).to_pylist()[0]
+    assert short["error_type"] == "TooShort" and short["video_id"] == video_id(str(root / "edge" / "short.mp4"))
+    assert short["message"] == "0.52 s of video is shorter than one 1 s clip"
+    types = dict(zip([Path(p).name for p in errors.column("path").to_pylist()], errors.column("error_type").to_pylist()))
+    assert types["empty.mp4"] == types["truncated_50.mp4"] == "UnreadableMedia"
+    assert types["flipped.mp4"] == "NoVideoStream"
+
+    # per-row contents: shapes, A/V metadata
+    b = decode_clip_batch(table.slice(0, 4).to_pydict())
+    assert b["frames"].shape == (4, 4, 32, 32, 3) and b["audio"].shape == (4, 16000)
+    assert b["logmel"].shape == (4, 64, 101)
+    mute = table.filter(pa.compute.ends_with(table.column("source_path"), "mute.mp4"))
+    assert mute.column("has_audio").to_pylist() == [False, False]
+    assert mute.column("audio_stream").to_pylist() == [-1, -1]
+    rot = table.filter(pa.compute.ends_with(table.column("source_path"), "rotated.mp4")).to_pylist()[0]
+    assert (rot["rotation"], rot["src_width"], rot["src_height"]) == (90, 64, 96)
+
+    summary = json.loads((out / "summary.json").read_text())
+    n_bad = len(BAD) + 1
+    assert summary["run"]["files_ok"] == len(expected) and summary["run"]["files_failed"] == n_bad
+    assert summary["run"]["clips"] == table.num_rows == summary["out"]["clips"]
+    assert f"{len(expected) + n_bad} file(s): {len(expected)} ok, {n_bad} failed, 0 already done" in printed
+
+    # a second run skips everything and changes nothing
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "clips").iterdir()}
+    assert run(_cfg(root, out)) == 0
+    assert f"{len(expected)} ok" not in capsys.readouterr().out
+    again = json.loads((out / "summary.json").read_text())
+    assert again["run"]["files_skipped_done"] == len(expected) + n_bad and again["run"]["clips"] == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "clips").iterdir()} == before
+    assert _clips(out).equals(table)
+
+    # other settings into the same OUT are refused; --overwrite starts over
+    with pytest.raises(ValueError, match=r"other settings \{'fps': \(4\.0, 8\.0\)\}"):
+        run(PreprocessConfig(**{**_cfg(root, out).__dict__, "fps": 8.0}))
+    assert run(_cfg(root, out, overwrite=True)) == 0
+    assert _clips(out).equals(table)
+
+
+def test_interrupted_run_leaves_nothing_counted_as_done(ray_local, corpus, tmp_path):
+    root, expected = corpus
+    out = tmp_path / "out"
+    scene = str(root / "scenes" / "scene_00000.mp4")
+    assert run(PreprocessConfig(inputs=(scene,), out=str(out), **OPTS)) == 0
+    # what a killed run leaves: an unfinished part of another file under its temporary name
+    store = ClipStore(str(out))
+    other = str(root / "scenes" / "scene_00001.mp4")
+    w = store.open_part(CLIPS, video_id(other), CLIP_SCHEMA)
+    w.writer.write_table(pq.read_table(out / "clips").slice(0, 1))
+    w.writer.close()
+    assert sorted(store.list_parts(CLIPS)) == [video_id(scene)]  # the tmp part is not "done"
+    assert pq.read_table(out / "clips").num_rows == 3          # and readers skip it
+    assert run(PreprocessConfig(inputs=(scene, other), out=str(out), **OPTS)) == 0
+    assert sorted(p.name for p in (out / "clips").iterdir()) == sorted(
+        [f"{video_id(scene)}.parquet", f"{video_id(other)}.parquet"])
+    assert pq.read_table(out / "clips").num_rows == 6
+
+
+def test_clips_read_back_with_ray_data(ray_local, corpus, tmp_path):
+    import ray.data
+
+    root, _ = corpus
+    out = tmp_path / "out"
+    assert run(PreprocessConfig(inputs=(str(root / "scenes"),), out=str(out), **OPTS)) == 0
+    ds = ray.data.read_parquet(str(out / "clips")).map_batches(decode_clip_batch, batch_size=4,
+                                                                 batch_format="pyarrow" and "numpy")
+    batches = list(ds.iter_batches(batch_size=9, batch_format="numpy"))
+    assert [b["frames"].shape for b in batches] == [(9, 4, 32, 32, 3)]
+    assert batches[0]["logmel"].dtype == np.float32 and batches[0]["audio"].shape == (9, 16000)
