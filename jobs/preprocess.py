@@ -44,7 +44,7 @@ class PreprocessConfig:
     win_length: int = field(default=400, metadata={"help": "log-mel window in samples"})
     max_pixels: int = field(default=3840 * 2160, metadata={"help": "larger videos become error rows"})
     max_seconds: float = field(default=4 * 3600.0, metadata={"help": "longer videos become error rows"})
-    allow_scheme: tuple[str, ...] = field(default=(), metadata={"help": "URI schemes to open besides local files (http, https, s3, rtmp)"})
+    allow_scheme: tuple[str, ...] = field(default=(), metadata={"help": "URI schemes to open besides local files (http, https, rtmp)"})
     batch_clips: int = field(default=8, metadata={"help": "clips per log-mel batch and Parquet row group"})
     address: str | None = field(default=None, metadata={"help": "Ray address (default: RAY_ADDRESS, else start a local Ray)"})
     num_cpus: int | None = field(default=None, metadata={"help": "CPUs of the local Ray it starts (default: all)"})
@@ -76,8 +76,8 @@ def run(cfg: PreprocessConfig) -> int:
     import ray
 
     from pipelines.clipstore import CLIPS, ERRORS, ClipStore
-    from pipelines.ingest import SUMMARY_SCHEMA, ingest_dataset
-    from pipelines.schema import ERROR_SCHEMA, clip_schema, error_row
+    from pipelines.ingest import ingest_dataset
+    from pipelines.schema import clip_schema
     from pipelines.sources import carried_schema, list_sources
 
     t_start = time.perf_counter()
@@ -108,7 +108,7 @@ def run(cfg: PreprocessConfig) -> int:
 
     done = set(store.list_parts(CLIPS)) | set(store.list_parts(ERRORS))
     ids = sources.column("video_id").to_pylist()
-    pending = sources.filter(pa.array([v not in done for v in ids]))
+    pending = _largest_first(sources.filter(pa.array([v not in done for v in ids])))
     log.info("%d input file(s): %d already done, %d to process", len(ids), len(ids) - pending.num_rows,
              pending.num_rows)
 
@@ -123,24 +123,19 @@ def run(cfg: PreprocessConfig) -> int:
         if pending.num_rows:
             import ray.data
             ctx = ray.data.DataContext.get_current()
-            ctx.max_errored_blocks = pending.num_rows  # a crashed worker costs its file, not the job
-            last = time.perf_counter()
-            for batch in ingest_dataset(pending, store, icfg, schema).iter_batches(
-                    batch_size=None, batch_format="pyarrow"):
-                rows.extend(batch.to_pylist())
-                if time.perf_counter() - last > 10:
-                    last = time.perf_counter()
-                    log.info("%d/%d files, %d clips", len(rows), pending.num_rows, sum(r["clips"] for r in rows))
-        # Files whose task died (worker crash) have no summary row and, unless the task got
-        # as far as committing a part, no part either: record them as errors.
-        seen = {r["video_id"] for r in rows}
-        have = set(store.list_parts(CLIPS)) | set(store.list_parts(ERRORS))
-        for src in pending.select(["path", "video_id"]).to_pylist():
-            if src["video_id"] not in seen and src["video_id"] not in have:
-                row = error_row(src["path"], src["video_id"], "worker", "the worker processing this file died")
-                store.write_error(row, ERROR_SCHEMA)
-                rows.append({**{k: None for k in SUMMARY_SCHEMA.names}, **row, "status": "failed",
-                             "clips": 0, "media_seconds": 0.0, "frames_decoded": 0, "seconds": 0.0})
+            saved, ctx.max_errored_blocks = ctx.max_errored_blocks, pending.num_rows  # a crashed worker costs its file
+            try:
+                last = time.perf_counter()
+                for batch in ingest_dataset(pending, store, icfg, schema).iter_batches(
+                        batch_size=None, batch_format="pyarrow"):
+                    rows.extend(batch.to_pylist())
+                    if time.perf_counter() - last > 10:
+                        last = time.perf_counter()
+                        log.info("%d/%d files, %d clips", len(rows), pending.num_rows,
+                                 sum(r["clips"] for r in rows))
+            finally:
+                ctx.max_errored_blocks = saved
+        rows += record_lost_files(pending, rows, store)
     except KeyboardInterrupt:
         log.warning("interrupted: finished files are kept; rerun the same command to continue")
         raise
@@ -152,6 +147,42 @@ def run(cfg: PreprocessConfig) -> int:
     store.write_json("summary.json", summary)
     print(_format_summary(summary, cfg.out))
     return 0
+
+
+def record_lost_files(pending, rows: list[dict[str, Any]], store) -> list[dict[str, Any]]:
+    """Error rows (written to OUT/errors and returned as summary rows) for pending files with
+    neither a summary row nor a part: their task died (worker crash) or failed outside the
+    per-file error handling. A task that committed its part before dying keeps it."""
+    from pipelines.clipstore import CLIPS, ERRORS
+    from pipelines.ingest import SUMMARY_SCHEMA
+    from pipelines.schema import ERROR_SCHEMA, error_row
+
+    seen = {r["video_id"] for r in rows}
+    have = set(store.list_parts(CLIPS)) | set(store.list_parts(ERRORS))
+    lost = []
+    for src in pending.select(["path", "video_id"]).to_pylist():
+        if src["video_id"] not in seen and src["video_id"] not in have:
+            row = error_row(src["path"], src["video_id"], "worker",
+                            "the task processing this file died or failed; see the Ray logs")
+            store.write_error(row, ERROR_SCHEMA)
+            lost.append({**{k: None for k in SUMMARY_SCHEMA.names}, **row, "status": "failed",
+                         "clips": 0, "media_seconds": 0.0, "frames_decoded": 0, "seconds": 0.0})
+    return lost
+
+
+def _largest_first(sources):
+    """Order sources by file size, largest first: long files start early instead of forming
+    the tail of the run (URIs, whose size is unknown here, go last)."""
+    import pyarrow as pa
+
+    def size(p: str) -> int:
+        try:
+            return os.stat(p).st_size
+        except OSError:
+            return -1
+
+    sizes = pa.array([size(p) for p in sources.column("path").to_pylist()], pa.int64())
+    return sources.append_column("_size", sizes).sort_by([("_size", "descending")]).drop_columns(["_size"])
 
 
 def _summarise(rows: list[dict[str, Any]], store, skipped: int, wall: float) -> dict[str, Any]:

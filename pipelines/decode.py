@@ -35,7 +35,7 @@ _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _MAX_AV_LAG = 10.0
 # Decoded frames whose timestamps are sorted before use (see MediaReader.clips).
 _REORDER_WINDOW = 4
-_PROTOCOLS = {"http": "http,tcp", "https": "https,tls,tcp", "rtmp": "rtmp,tcp", "s3": "http,https,tls,tcp"}
+_PROTOCOLS = {"http": "http,tcp", "https": "https,tls,tcp", "rtmp": "rtmp,tcp"}
 
 
 class MediaError(Exception):
@@ -215,7 +215,7 @@ class MediaReader:
         self.path, self.cfg = path, cfg
         whitelist = check_source(path, cfg.allowed_schemes)
         try:
-            self.container = av.open(path, options={"protocol_whitelist": whitelist})
+            self.container = av.open(path, container_options={"protocol_whitelist": whitelist})
         except av.error.FFmpegError as e:
             raise UnreadableMedia(f"FFmpeg cannot open it: {e.strerror or e}") from e
         try:

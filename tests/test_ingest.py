@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
-from jobs.preprocess import PreprocessConfig, run
+from jobs.preprocess import PreprocessConfig, record_lost_files, run
 from pipelines.clipstore import CLIPS, ClipStore
 from pipelines.schema import CLIP_SCHEMA, ERROR_SCHEMA, decode_clip_batch
 from pipelines.sources import video_id
@@ -158,3 +158,19 @@ def test_clips_read_back_with_ray_data(ray_local, corpus, tmp_path):
     batches = list(ds.iter_batches(batch_size=9, batch_format="numpy"))
     assert [b["frames"].shape for b in batches] == [(9, 4, 32, 32, 3)]
     assert batches[0]["logmel"].dtype == np.float32 and batches[0]["audio"].shape == (9, 16000)
+
+
+def test_files_whose_task_died_become_error_rows(tmp_path):
+    from pipelines.sources import list_sources
+    files = [mediagen.write_video(tmp_path / f"{n}.mp4", seconds=1.0) for n in ("done", "lost", "committed")]
+    pending = list_sources([str(f) for f in files])
+    store = ClipStore(str(tmp_path / "out"))
+    store.create()
+    ids = pending.column("video_id").to_pylist()
+    with store.open_part(CLIPS, ids[2], CLIP_SCHEMA):  # committed its part, then died before reporting
+        pass
+    lost = record_lost_files(pending, [{"video_id": ids[0]}], store)
+    assert [(r["path"], r["stage"], r["status"], r["clips"]) for r in lost] == [(str(files[1]), "worker", "failed", 0)]
+    errors = pq.read_table(tmp_path / "out" / "errors").to_pylist()
+    assert errors == [{"path": str(files[1]), "video_id": ids[1], "stage": "worker", "error_type": "Error",
+                       "message": "the task processing this file died or failed; see the Ray logs"}]

@@ -45,3 +45,10 @@ def test_error_row_from_exception():
     row = error_row("/x.mp4", "abc", "decode", ValueError("bad"))
     assert row == {"path": "/x.mp4", "video_id": "abc", "stage": "decode", "error_type": "ValueError", "message": "bad"}
     pa.Table.from_pylist([row], schema=ERROR_SCHEMA)  # fits the schema
+
+
+def test_readme_documents_every_column():
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [n for n in CLIP_SCHEMA.names + ERROR_SCHEMA.names if f"`{n}`" not in readme]
+    assert missing == []
