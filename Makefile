@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/avray synth --out $(DEMO)/media --videos 8 --seed 0
-	$(BIN)/avray preprocess $(DEMO)/media --out $(DEMO)/clips-out
+	$(BIN)/avray preprocess $(DEMO)/media/manifest.jsonl --out $(DEMO)/clips-out
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -10,6 +10,9 @@ pulses in size with its own loudness. Per scene i, OUT gets:
   scene_{i:05d}_obj{k}.wav  object k's clean track (float32; the mixture is their sum)
   scene_{i:05d}.json        ground truth: per-frame boxes and sounding flags, sounding
                             segments, sound names and a one-sentence caption
+  manifest.jsonl            one line per scene: path, caption, ground_truth (the JSON as a
+                            string); `avray preprocess OUT/manifest.jsonl` carries both
+                            columns into every clip row
 
 Scenes are deterministic for (--seed, i) and the other options; the JSON format and the
 caption grammar are documented in pipelines/synth.py. Existing files are overwritten.
@@ -21,6 +24,7 @@ example:
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -86,12 +90,16 @@ def run(cfg: SynthConfig) -> int:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    manifest = []
     for i in range(cfg.videos):
         t0 = time.perf_counter()
         scene = make_scene(cfg.seed, i, seconds=cfg.seconds, size=cfg.size, fps=cfg.fps,
                            sample_rate=cfg.sample_rate, max_objects=cfg.max_objects, speech_files=speech_files)
         gt = write_scene(scene, out)
+        manifest.append({"path": gt["video"], "caption": gt["caption"],
+                         "ground_truth": json.dumps(gt, separators=(",", ":"))})
         log.info("%d/%d %s (%d objects, %.2f s): %s", i + 1, cfg.videos, out / gt["video"],
                  len(gt["objects"]), time.perf_counter() - t0, gt["caption"])
-    log.info("wrote %d scenes to %s in %.1f s", cfg.videos, out, time.perf_counter() - start)
+    (out / "manifest.jsonl").write_text("".join(json.dumps(m) + "\n" for m in manifest))
+    log.info("wrote %d scenes and manifest.jsonl to %s in %.1f s", cfg.videos, out, time.perf_counter() - start)
     return 0

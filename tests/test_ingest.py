@@ -152,12 +152,16 @@ def test_clips_read_back_with_ray_data(ray_local, corpus, tmp_path):
 
     root, _ = corpus
     out = tmp_path / "out"
-    assert run(PreprocessConfig(inputs=(str(root / "scenes"),), out=str(out), **OPTS)) == 0
-    ds = ray.data.read_parquet(str(out / "clips")).map_batches(decode_clip_batch, batch_size=4,
-                                                                 batch_format="pyarrow" and "numpy")
+    # the manifest `avray synth` writes carries caption and ground truth into every clip row
+    assert run(PreprocessConfig(inputs=(str(root / "scenes" / "manifest.jsonl"),), out=str(out), **OPTS)) == 0
+    ds = ray.data.read_parquet(str(out / "clips")).map_batches(decode_clip_batch, batch_size=4)
     batches = list(ds.iter_batches(batch_size=9, batch_format="numpy"))
     assert [b["frames"].shape for b in batches] == [(9, 4, 32, 32, 3)]
     assert batches[0]["logmel"].dtype == np.float32 and batches[0]["audio"].shape == (9, 16000)
+    b = batches[0]
+    for src, cap, gt in zip(b["source_path"], b["caption"], b["ground_truth"]):
+        truth = json.loads(gt)
+        assert Path(src).name == truth["video"] and cap == truth["caption"]
 
 
 def test_files_whose_task_died_become_error_rows(tmp_path):

@@ -39,7 +39,11 @@ def test_cli_writes_scenes_and_ground_truth(media):
     assert [s["index"] for s in scenes] == [0, 1]
     wavs = {o["audio"] for s in scenes for o in s["objects"]}
     assert {p.name for p in media.glob("*.wav")} == wavs
-    assert len(list(media.iterdir())) == 4 + len(wavs)
+    assert len(list(media.iterdir())) == 5 + len(wavs)  # 2 mp4 + 2 json + manifest.jsonl + wavs
+    manifest = [json.loads(line) for line in (media / "manifest.jsonl").read_text().splitlines()]
+    assert [m["path"] for m in manifest] == ["scene_00000.mp4", "scene_00001.mp4"]
+    assert [m["caption"] for m in manifest] == [s["caption"] for s in scenes]
+    assert [json.loads(m["ground_truth"]) for m in manifest] == scenes
     for s in scenes:
         assert set(s) == {"version", "seed", "index", "seconds", "fps", "size", "sample_rate", "num_frames",
                           "video", "caption", "objects"}

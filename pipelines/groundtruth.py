@@ -1,0 +1,62 @@
+"""Per-clip targets from a synthetic scene's ground truth (the `ground_truth` column that
+`avray synth`'s manifest carries into every clip row).
+
+The scene gives boxes and sounding flags per *source* frame in *source* pixels; a clip shows
+frames sampled at its own fps, resized and cropped (or letterboxed) by the decoder. These
+functions map one onto the other with the decoder's own resize plan, so a box drawn on a
+stored clip frame covers the same object as in the source video.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipelines.decode import DecodeConfig, _resize_plan
+
+
+@dataclass(frozen=True)
+class ClipTargets:
+    boxes: np.ndarray       # float32 (T, K, 4): xyxy in output pixels, clipped to [0, size]
+    sounding: np.ndarray    # bool (T, K): object k sounds at sampled frame t
+    shapes: list[str]       # K
+    colours: list[str]      # K
+    sounds: list[str]       # K
+    caption: str
+
+    @property
+    def dominant(self) -> int:
+        """Index of the object sounding in most sampled frames, -1 if none sounds."""
+        counts = self.sounding.sum(axis=0)  # (K,)
+        return int(np.argmax(counts)) if counts.size and counts.max() > 0 else -1
+
+
+def source_to_output_boxes(boxes: np.ndarray, src_w: int, src_h: int, cfg: DecodeConfig) -> np.ndarray:
+    """Boxes in source pixels (..., 4) xyxy -> the same boxes on the decoder's output frames."""
+    w, h, y0, x0 = _resize_plan(src_w, src_h, 0, cfg)
+    scale = np.array([w / src_w, h / src_h, w / src_w, h / src_h], dtype=np.float32)
+    sign = -1 if cfg.resize == "crop" else 1  # crop cuts the offset away, letterbox pads it on
+    shift = sign * np.array([x0, y0, x0, y0], dtype=np.float32)
+    return np.clip(boxes * scale + shift, 0, cfg.size).astype(np.float32)
+
+
+def clip_targets(ground_truth: str | dict[str, Any], start_s: float, num_frames: int,
+                 cfg: DecodeConfig) -> ClipTargets:
+    """Targets for the clip starting at `start_s` whose frames were sampled with `cfg`.
+
+    Sampled frame j shows source frame floor((start_s + j / cfg.fps) * scene fps), as the
+    decoder does for a constant-rate source.
+    """
+    gt = json.loads(ground_truth) if isinstance(ground_truth, str) else ground_truth
+    times = start_s + np.arange(num_frames) / cfg.fps  # (T,)
+    src = np.clip(np.floor(times * gt["fps"] + 1e-6).astype(int), 0, gt["num_frames"] - 1)  # (T,)
+    objs = gt["objects"]
+    boxes = np.asarray([o["boxes"] for o in objs], dtype=np.float32)[:, src]  # (K, T, 4)
+    sounding = np.asarray([o["sounding"] for o in objs], dtype=bool)[:, src]  # (K, T)
+    out = source_to_output_boxes(boxes.transpose(1, 0, 2), gt["size"], gt["size"], cfg)  # (T, K, 4)
+    return ClipTargets(boxes=out, sounding=sounding.T.copy(), shapes=[o["shape"] for o in objs],
+                       colours=[o["colour"] for o in objs], sounds=[o["sound"] for o in objs],
+                       caption=gt["caption"])
