@@ -25,6 +25,7 @@ from typing import Any, Sequence
 COMMANDS: dict[str, str] = {
     "synth": "jobs.synth",
     "preprocess": "jobs.preprocess",
+    "train": "jobs.train",
 }
 
 

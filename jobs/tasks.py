@@ -1,0 +1,146 @@
+"""What each training task does with a batch of clip rows (plain PyTorch; used inside Ray Train
+workers by jobs/train.py and by benchmarks). A plain dict, TASKS, maps task names to them.
+
+A task adapter has:
+- `model`: the model name in models.checkpoint.BUILDERS; `configs`: preset name -> config;
+- `columns`: the clip-table columns it reads (others are never loaded);
+- `collate(batch)`: numpy batch of clip rows (as Ray Data gives it) -> dict of tensors;
+- `step(model, batch, cfg, gen)`: forward + loss dict {"loss": scalar, ...};
+- `evaluate(model, batches, cfg)`: validation metrics over an iterable of collated batches.
+
+Synthetic scenes carry their ground truth per clip row (`ground_truth` column, from
+`avray synth`'s manifest); boxes are mapped onto the stored frames with the decoder's resize
+plan, which for square scenes is the same in crop and letterbox mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.localization import PRESETS as LOC_PRESETS, heatmap, localization_loss
+from models.metrics import auc_success, ciou, ciou_at
+from models.separation import PRESETS as SEP_PRESETS, mix_and_separate_batch, separation_loss
+from models.separation_metrics import si_sdr_improvement, sdr_improvement
+from pipelines.decode import DecodeConfig
+from pipelines.groundtruth import clip_targets
+from pipelines.schema import decode_clip_batch
+
+
+def _frames_float(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (B, T, H, W, 3) -> float (B, T, 3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 1, 4, 2, 3).float() / 255.0  # (B, T, 3, H, W)
+
+
+class LocalizationTask:
+    """Senocak et al. / EZ-VSL: the middle frame of each clip against the clip's log-mel."""
+
+    model = "localization"
+    configs = LOC_PRESETS
+    columns = ["video_id", "start_s", "fps", "frames", "frames_shape", "logmel", "logmel_shape", "ground_truth"]
+
+    def collate(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """-> frame float (B, 3, H, W), logmel float (B, M, N), box_mask float (B, H, W) (union
+        of the boxes of the objects sounding in that frame), has_box bool (B,)."""
+        b = decode_clip_batch(batch)
+        frames = _frames_float(b["frames"])  # (B, T, 3, H, W)
+        B, T, _, H, W = frames.shape
+        mid = T // 2
+        masks = torch.zeros(B, H, W)
+        has_box = torch.zeros(B, dtype=torch.bool)
+        gts = b.get("ground_truth")
+        for i in range(B):
+            if gts is None or gts[i] is None:
+                continue
+            cfg = DecodeConfig(fps=float(b["fps"][i]), size=H)
+            t = clip_targets(gts[i], float(b["start_s"][i]), T, cfg)
+            for k in np.flatnonzero(t.sounding[mid]):
+                x0, y0, x1, y1 = t.boxes[mid, k]
+                masks[i, int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))] = 1.0
+            has_box[i] = bool(t.sounding[mid].any())
+        return {"frame": frames[:, mid], "logmel": torch.from_numpy(np.ascontiguousarray(b["logmel"])),
+                "box_mask": masks, "has_box": has_box}
+
+    def step(self, model, batch, cfg, gen=None) -> dict[str, torch.Tensor]:
+        out = model(batch["frame"], batch["logmel"])
+        grid_hw = out["attention"].shape[-2:]
+        cell_masks = F.adaptive_avg_pool2d(batch["box_mask"][:, None], grid_hw)[:, 0]  # (B, h, w)
+        return localization_loss(out, cfg, cell_masks, batch["has_box"])
+
+    @torch.no_grad()
+    def evaluate(self, model, batches: Iterable[dict[str, torch.Tensor]], cfg) -> dict[str, float]:
+        """cIoU@0.5 and AUC against the sounding objects' boxes, with the clip's own audio, with
+        another clip's audio (batch rolled by one) and with silence."""
+        scores: dict[str, list[torch.Tensor]] = {"own": [], "other": [], "silent": []}
+        for batch in batches:
+            keep = batch["has_box"]
+            if not keep.any():
+                continue
+            frame, mel, gt = batch["frame"][keep], batch["logmel"][keep], batch["box_mask"][keep] > 0.5
+            silence = torch.full_like(mel, float(mel.min()))
+            variants = {"own": mel, "other": mel.roll(1, dims=0), "silent": silence}
+            if len(mel) < 2:
+                variants.pop("other")
+            for name, m in variants.items():
+                scores[name].append(ciou(heatmap(model(frame, m), frame.shape[-2:]), gt))
+        res: dict[str, float] = {}
+        for name, parts in scores.items():
+            if parts:
+                c = torch.cat(parts)
+                res[f"ciou50_{name}_audio"] = ciou_at(c, 0.5)
+                res[f"auc_{name}_audio"] = auc_success(c)
+        res["clips_with_box"] = float(sum(len(p) for p in scores["own"]))
+        return res
+
+
+class SeparationTask:
+    """Looking to Listen, trained by mix-and-separate: K clips' soundtracks are summed and each
+    clip's own frames must pull its own soundtrack out (audio-only: PIT, frames unused)."""
+
+    model = "separation"
+    configs = {**SEP_PRESETS, **{f"{k}-audio-only": replace(v, audio_only=True) for k, v in SEP_PRESETS.items()}}
+    columns = ["video_id", "frames", "frames_shape", "audio", "audio_shape", "has_audio"]
+    face_size = 48  # frames are downsampled to this side for the visual stream
+
+    def collate(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """-> audio float (B, S), faces float (B, T, 3, s, s) with s = face_size."""
+        b = decode_clip_batch(batch)
+        frames = _frames_float(b["frames"])  # (B, T, 3, H, W)
+        B, T = frames.shape[:2]
+        faces = F.interpolate(frames.flatten(0, 1), size=(self.face_size, self.face_size), mode="area")
+        faces = faces.reshape(B, T, 3, self.face_size, self.face_size)  # (B, T, 3, s, s)
+        return {"audio": torch.from_numpy(np.ascontiguousarray(b["audio"])), "faces": faces}
+
+    def _mix(self, batch, cfg, gen):
+        return mix_and_separate_batch(batch["audio"], batch["faces"], cfg.num_speakers, gen)
+
+    def step(self, model, batch, cfg, gen=None) -> dict[str, torch.Tensor]:
+        mixture, sources, faces = self._mix(batch, cfg, gen)
+        out = model(mixture, None if cfg.audio_only else faces)
+        return {"loss": separation_loss(out, sources, cfg)}
+
+    @torch.no_grad()
+    def evaluate(self, model, batches: Iterable[dict[str, torch.Tensor]], cfg) -> dict[str, float]:
+        """SI-SDRi and SDRi (dB) on fixed mixtures; AV models also with the faces swapped
+        between speakers (the wrong visual stream)."""
+        gen = torch.Generator().manual_seed(0)
+        acc: dict[str, list[torch.Tensor]] = {"si_sdri": [], "sdri": [], "si_sdri_wrong_visual": []}
+        for batch in batches:
+            if len(batch["audio"]) < cfg.num_speakers:
+                continue
+            mixture, sources, faces = self._mix(batch, cfg, gen)
+            mix_k = mixture[:, None].expand_as(sources)  # (B, K, S)
+            est = model(mixture, None if cfg.audio_only else faces)["waveforms"]
+            acc["si_sdri"].append(si_sdr_improvement(est, sources, mix_k, pit=cfg.audio_only))
+            acc["sdri"].append(sdr_improvement(est, sources, mix_k, pit=cfg.audio_only))
+            if not cfg.audio_only:
+                wrong = model(mixture, faces.roll(1, dims=1))["waveforms"]
+                acc["si_sdri_wrong_visual"].append(si_sdr_improvement(wrong, sources, mix_k))
+        return {k: float(torch.cat(v).mean()) for k, v in acc.items() if v}
+
+
+TASKS: dict[str, Any] = {"localization": LocalizationTask(), "separation": SeparationTask()}

@@ -1,0 +1,248 @@
+"""Train a model on clip Parquet with Ray Train (TorchTrainer), streaming the clips.
+
+Tasks: localization (sound source localization, Senocak et al. / EZ-VSL) and separation
+(audio-visual speech separation, Looking to Listen; presets `tiny-audio-only` /
+`paper-audio-only` train the audio-only PIT baseline). The clips are split into train and
+validation by video id (never a video in both), streamed to the workers with
+`get_dataset_shard(...).iter_torch_batches`, and every epoch writes a checkpoint under RUN
+(the one avray format: model name, config, state_dict, extra) plus a line of
+RUN/metrics.jsonl; RUN/model.pt is the latest. A worker that dies is replaced and training
+resumes from the last checkpoint (--max-failures); --resume continues a stopped run.
+
+example:
+  avray preprocess media/manifest.jsonl --out data/ --size 96 --fps 8
+  avray train --task localization --data data/clips --out runs/loc --preset tiny --epochs 10
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    task: str = field(metadata={"help": "what to train", "choices": ("localization", "separation")})
+    data: str = field(metadata={"help": "clip Parquet folder (OUT/clips of avray preprocess)"})
+    out: str = field(metadata={"help": "run folder: checkpoints, metrics.jsonl, model.pt", "short": "-o"})
+    preset: str = field(default="tiny", metadata={"help": "model preset (tiny, paper; separation also *-audio-only)"})
+    epochs: int = field(default=10, metadata={"help": "passes over the training clips"})
+    batch_size: int = field(default=32, metadata={"help": "clips per step and worker"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    val_fraction: float = field(default=0.1, metadata={"help": "share of videos held out for validation"})
+    num_workers: int = field(default=1, metadata={"help": "Ray Train workers"})
+    use_gpu: str = field(default="auto", metadata={"help": "auto: GPUs when the cluster has them", "choices": ("auto", "yes", "no")})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    visual_weights: str | None = field(default=None, metadata={"help": "local torchvision ResNet-18 state dict for the visual trunk"})
+    max_failures: int = field(default=2, metadata={"help": "worker failures to recover from (from the last checkpoint)"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in OUT from its last checkpoint"})
+    address: str | None = field(default=None, metadata={"help": "Ray address (default: RAY_ADDRESS, else a local Ray)"})
+
+
+def is_validation(video_id: str, fraction: float) -> bool:
+    """Deterministic split by video: the first 8 hex digits of the id, as a fraction of 2**32."""
+    return int(video_id[:8], 16) / 2**32 < fraction
+
+
+def model_config(cfg: TrainConfig):
+    """The model config of `cfg.task` / `cfg.preset` (plus the local visual weights)."""
+    from dataclasses import replace
+
+    from jobs.tasks import TASKS
+
+    task = TASKS[cfg.task]
+    if cfg.preset not in task.configs:
+        raise ValueError(f"unknown preset {cfg.preset!r} for {cfg.task}; choose from {sorted(task.configs)}")
+    mcfg = task.configs[cfg.preset]
+    if cfg.visual_weights:
+        if not hasattr(mcfg, "visual"):
+            raise ValueError(f"--visual-weights applies to models with a ResNet visual trunk, not {cfg.task}")
+        if not os.path.isfile(cfg.visual_weights):
+            raise FileNotFoundError(f"no such weights file: {cfg.visual_weights}")
+        mcfg = replace(mcfg, visual=replace(mcfg.visual, weights=os.path.abspath(cfg.visual_weights)))
+    return mcfg
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import tempfile
+
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from jobs.tasks import TASKS
+    from models.checkpoint import build_model, load_checkpoint, save_checkpoint
+
+    task, mcfg = TASKS[config["task"]], config["model_config"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(config["seed"] + rank)
+    gen = torch.Generator().manual_seed(config["seed"] + 1000 * rank)
+    device = ray.train.torch.get_device()
+
+    start_epoch, opt_state = 0, None
+    model = build_model(task.model, mcfg)
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:  # restarted after a failure, or --resume
+        with ckpt.as_directory() as d:
+            restored, saved = load_checkpoint(os.path.join(d, "model.pt"))
+        model.load_state_dict(restored.state_dict())
+        start_epoch, opt_state = saved["extra"]["epoch"] + 1, saved["extra"]["optimizer"]
+    model = ray.train.torch.prepare_model(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    amp = device.type == "cuda"
+    core = model.module if hasattr(model, "module") else model
+
+    def batches(name: str):
+        shard = ray.train.get_dataset_shard(name)
+        return shard.iter_torch_batches(batch_size=config["batch_size"], collate_fn=task.collate,
+                                        prefetch_batches=2, drop_last=name == "train")
+
+    for epoch in range(start_epoch, config["epochs"]):
+        model.train()
+        t0 = time.perf_counter()
+        wait = steps = samples = 0
+        loss_sum = 0.0
+        it = iter(batches("train"))
+        while True:
+            tw = time.perf_counter()
+            batch = next(it, None)
+            wait += time.perf_counter() - tw
+            if batch is None:
+                break
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                losses = task.step(model, batch, mcfg, gen)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt.step()
+            loss_sum += float(losses["loss"])
+            steps += 1
+            samples += len(next(iter(batch.values())))
+        train_s = time.perf_counter() - t0
+        model.eval()
+        val = task.evaluate(core, ({k: v.to(device) for k, v in b.items()} for b in batches("val")), mcfg)
+        metrics = {"epoch": epoch, "train_loss": loss_sum / max(steps, 1), "steps": steps,
+                   "samples_per_s": samples * ctx.get_world_size() / train_s if train_s else 0.0,
+                   "data_wait_fraction": wait / train_s if train_s else 0.0, "epoch_seconds": train_s,
+                   **{f"val_{k}": v for k, v in val.items()}}
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                with open(os.path.join(config["run_dir"], "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                print(f"[avray train] epoch {epoch + 1}/{config['epochs']}: "
+                      + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"), flush=True)
+                save_checkpoint(os.path.join(d, "model.pt"), task.model, core, mcfg,
+                                extra={"epoch": epoch, "optimizer": opt.state_dict(),
+                                       "metrics": {k: float(v) for k, v in metrics.items()}})
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def run(cfg: TrainConfig) -> int:
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from jobs.tasks import TASKS
+
+    if not os.path.isdir(cfg.data):
+        raise FileNotFoundError(f"no clip folder at {cfg.data} (run avray preprocess first)")
+    if not 0 < cfg.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {cfg.val_fraction}")
+    if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.num_workers < 1:
+        raise ValueError("--epochs and --num-workers must be >= 1, --batch-size >= 2")
+    task = TASKS[cfg.task]
+    mcfg = model_config(cfg)
+    run_dir = os.path.abspath(cfg.out)
+    storage, name = os.path.dirname(run_dir), os.path.basename(run_dir)
+    if os.path.isdir(run_dir) and os.listdir(run_dir) and not cfg.resume:
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    os.makedirs(run_dir, exist_ok=True)
+
+    started = False
+    if not ray.is_initialized():
+        address = cfg.address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, include_dashboard=False)
+        started = True
+    try:
+        import pyarrow.parquet as pq
+        present = set(pq.read_schema(next(p for p in sorted(_parts(cfg.data)))).names)
+        columns = [c for c in task.columns if c in present]
+        ds = ray.data.read_parquet(cfg.data, columns=columns)
+
+        def split(val: bool):
+            def keep(t: pa.Table) -> pa.Table:
+                ids = t.column("video_id").to_pylist()
+                return t.filter(pa.array([is_validation(v, cfg.val_fraction) == val for v in ids]))
+            return ds.map_batches(keep, batch_format="pyarrow", batch_size=None)
+
+        use_gpu = {"yes": True, "no": False}.get(cfg.use_gpu, ray.cluster_resources().get("GPU", 0) > 0)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"task": cfg.task, "model_config": mcfg, "epochs": cfg.epochs, "seed": cfg.seed,
+                               "run_dir": run_dir,
+                               "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+            scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
+            run_config=ray.train.RunConfig(
+                name=name, storage_path=storage,
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+            datasets={"train": split(False), "val": split(True)},
+            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        )
+        result = trainer.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    if result.error:
+        raise result.error
+    history = _write_history(run_dir)
+    with result.checkpoint.as_directory() as d:
+        shutil.copy(os.path.join(d, "model.pt"), os.path.join(run_dir, "model.pt"))
+    last = history[-1]
+    print(f"avray train {cfg.task}: {len(history)} epoch(s) in {run_dir}; last: "
+          + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
+    print(f"  checkpoint: {os.path.join(run_dir, 'model.pt')}   metrics: {os.path.join(run_dir, 'metrics.jsonl')}")
+    return 0
+
+
+def _parts(folder: str) -> list[str]:
+    files = [os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs
+             if f.endswith(".parquet") and not f.startswith((".", "_"))]
+    if not files:
+        raise FileNotFoundError(f"no Parquet clips in {folder}")
+    return files
+
+
+def _write_history(run_dir: str) -> list[dict[str, Any]]:
+    """RUN/metrics.jsonl, one line per epoch: an epoch redone after a failure keeps its last line."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    rows: dict[int, dict[str, Any]] = {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            rows[int(r["epoch"])] = r
+    ordered = [rows[e] for e in sorted(rows)]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in ordered)
+    return ordered
+
+
+CONFIG = TrainConfig
