@@ -108,7 +108,7 @@ def run(cfg: PreprocessConfig) -> int:
 
     done = set(store.list_parts(CLIPS)) | set(store.list_parts(ERRORS))
     ids = sources.column("video_id").to_pylist()
-    pending = _largest_first(sources.filter(pa.array([v not in done for v in ids])))
+    pending = sources.filter(pa.array([v not in done for v in ids]))
     log.info("%d input file(s): %d already done, %d to process", len(ids), len(ids) - pending.num_rows,
              pending.num_rows)
 
@@ -123,10 +123,12 @@ def run(cfg: PreprocessConfig) -> int:
         if pending.num_rows:
             import ray.data
             ctx = ray.data.DataContext.get_current()
-            saved, ctx.max_errored_blocks = ctx.max_errored_blocks, pending.num_rows  # a crashed worker costs its file
+            # a crashed task costs the unfinished files of its block (recorded below), not the job
+            saved, ctx.max_errored_blocks = ctx.max_errored_blocks, pending.num_rows
             try:
                 last = time.perf_counter()
-                for batch in ingest_dataset(pending, store, icfg, schema).iter_batches(
+                cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+                for batch in ingest_dataset(pending, store, icfg, schema, cpus).iter_batches(
                         batch_size=None, batch_format="pyarrow"):
                     rows.extend(batch.to_pylist())
                     if time.perf_counter() - last > 10:
@@ -168,21 +170,6 @@ def record_lost_files(pending, rows: list[dict[str, Any]], store) -> list[dict[s
             lost.append({**{k: None for k in SUMMARY_SCHEMA.names}, **row, "status": "failed",
                          "clips": 0, "media_seconds": 0.0, "frames_decoded": 0, "seconds": 0.0})
     return lost
-
-
-def _largest_first(sources):
-    """Order sources by file size, largest first: long files start early instead of forming
-    the tail of the run (URIs, whose size is unknown here, go last)."""
-    import pyarrow as pa
-
-    def size(p: str) -> int:
-        try:
-            return os.stat(p).st_size
-        except OSError:
-            return -1
-
-    sizes = pa.array([size(p) for p in sources.column("path").to_pylist()], pa.int64())
-    return sources.append_column("_size", sizes).sort_by([("_size", "descending")]).drop_columns(["_size"])
 
 
 def _summarise(rows: list[dict[str, Any]], store, skipped: int, wall: float) -> dict[str, Any]:

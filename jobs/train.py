@@ -132,7 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_s = time.perf_counter() - t0
         model.eval()
         val = task.evaluate(core, ({k: v.to(device) for k, v in b.items()} for b in batches("val")), mcfg)
-        metrics = {"epoch": epoch, "train_loss": loss_sum / max(steps, 1), "steps": steps,
+        metrics = {"epoch": epoch, "start_epoch": start_epoch, "train_loss": loss_sum / max(steps, 1), "steps": steps,
                    "samples_per_s": samples * ctx.get_world_size() / train_s if train_s else 0.0,
                    "data_wait_fraction": wait / train_s if train_s else 0.0, "epoch_seconds": train_s,
                    **{f"val_{k}": v for k, v in val.items()}}
@@ -142,7 +142,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 with open(os.path.join(config["run_dir"], "metrics.jsonl"), "a") as f:
                     f.write(json.dumps(metrics) + "\n")
                 print(f"[avray train] epoch {epoch + 1}/{config['epochs']}: "
-                      + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"), flush=True)
+                      + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("epoch", "start_epoch")),
+                      flush=True)
                 save_checkpoint(os.path.join(d, "model.pt"), task.model, core, mcfg,
                                 extra={"epoch": epoch, "optimizer": opt.state_dict(),
                                        "metrics": {k: float(v) for k, v in metrics.items()}})

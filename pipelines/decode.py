@@ -295,7 +295,9 @@ class MediaReader:
             nonlocal next_index
             while next_index * cfg.hop < t:
                 if next_index * cfg.hop + cfg.clip_seconds > cfg.max_seconds:
-                    raise MediaTooLong(f"media runs past --max-seconds {cfg.max_seconds:g}")
+                    err = MediaTooLong(f"media runs past --max-seconds {cfg.max_seconds:g}")
+                    err.stage = "decode"  # found while decoding: the container declared no length
+                    raise err
                 open_clips.append(_ClipBuilder(next_index, cfg))
                 next_index += 1
 

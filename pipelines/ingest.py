@@ -1,15 +1,17 @@
 """Ingest: one source file -> one clips part (or one error row), and the Ray Data stage around it.
 
 `ingest_file` is the plain function (decode -> batched log-mel -> Parquet part), unit-tested
-without Ray. `ingest_dataset` wraps it in a streaming Ray Data pipeline: sources are spread one
-per block, `map_batches` runs one task per file on one CPU (decode is the bottleneck and is
-single-threaded per file, so tasks beat a shared actor pool here), and the only thing that
-flows back to the driver is one small summary row per file.
+without Ray. `ingest_dataset` wraps it in a streaming Ray Data pipeline: sources are dealt into
+blocks of similar total size, `map_batches` runs one task per block on one CPU (decode is the
+bottleneck and single-threaded per file; tasks measured faster than an actor pool here: 9.7 s
+vs 11 s on the benchmark inputs), and the only thing that flows back to the driver is one
+small summary row per file.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,12 +122,37 @@ def _ingest_batch(batch: pa.Table, store: ClipStore, cfg: IngestConfig, schema: 
     return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
 
 
+def balanced_blocks(sources: pa.Table, n: int) -> list[pa.Table]:
+    """Deal sources into `n` blocks of similar total size: largest file first, in snake order
+    (0, 1, ..., n-1, n-1, ..., 0, ...), so each block starts with a big file and no block
+    collects the tail. Files whose size cannot be read (URIs) count as empty."""
+    def size(p: str) -> int:
+        try:
+            return os.stat(p).st_size
+        except OSError:
+            return 0
+
+    order = np.argsort([-size(p) for p in sources.column("path").to_pylist()], kind="stable")
+    idx: list[list[int]] = [[] for _ in range(n)]
+    for rank, i in enumerate(order):
+        lap, k = divmod(rank, n)
+        idx[k if lap % 2 == 0 else n - 1 - k].append(int(i))
+    return [sources.take(ix) for ix in idx if ix]
+
+
 def ingest_dataset(sources: pa.Table, store: ClipStore, cfg: IngestConfig, schema: pa.Schema,
-                   max_blocks: int = 10_000):
-    """A lazy Ray Dataset of summary rows; iterating it runs the ingest, streaming."""
+                   num_cpus: int, files_per_task: int = 8):
+    """A lazy Ray Dataset of summary rows; iterating it runs the ingest, streaming.
+
+    One task handles one block of files, one file at a time (memory: one file's clips in
+    flight). Blocks: at least 2 per CPU for balance, at most `files_per_task` files each. Fewer,
+    larger tasks than one per file: each task costs the streaming executor ~0.1 s of
+    scheduling latency (measured: 34 files on 2 CPUs took 13 s as 34 tasks, 7.3-8.1 s as 2-4
+    tasks, 7.5 s as plain Ray tasks). A retried task skips the files it already committed.
+    """
     import ray.data
 
-    n = max(1, min(sources.num_rows, max_blocks))
-    ds = ray.data.from_items(sources.to_pylist(), override_num_blocks=n)
+    n = min(sources.num_rows, max(2 * num_cpus, -(-sources.num_rows // files_per_task)))
+    ds = ray.data.from_arrow(balanced_blocks(sources, n))
     return ds.map_batches(_ingest_batch, batch_size=1, batch_format="pyarrow", num_cpus=1,
                           fn_kwargs={"store": store, "cfg": cfg, "schema": schema})

@@ -216,3 +216,10 @@ def test_truncated_files_are_caught(tmp_path):
     cut = mediagen.make_corrupt_corpus(good, tmp_path / "mkv")
     with pytest.raises(TruncatedMedia, match=r"decoded \d\.\d\d s of the 6\.\d\d s the container declares"):
         decode_file(str(cut["truncated_50"]), DecodeConfig(clip_seconds=1.0))
+
+
+def test_undeclared_length_is_capped_while_decoding():
+    # no_duration.webm declares no length: the cap is found while decoding, not at probe
+    with pytest.raises(MediaTooLong, match="media runs past --max-seconds 3") as e:
+        decode_file(str(FIXTURES / "no_duration.webm"), DecodeConfig(clip_seconds=1.0, max_seconds=3.0))
+    assert e.value.stage == "decode"

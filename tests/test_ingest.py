@@ -178,3 +178,13 @@ def test_files_whose_task_died_become_error_rows(tmp_path):
     errors = pq.read_table(tmp_path / "out" / "errors").to_pylist()
     assert errors == [{"path": str(files[1]), "video_id": ids[1], "stage": "worker", "error_type": "Error",
                        "message": "the task processing this file died or failed; see the Ray logs"}]
+
+
+def test_balanced_blocks_deal_largest_first_in_snake_order(tmp_path):
+    from pipelines.ingest import balanced_blocks
+    from pipelines.sources import list_sources
+    for size in range(1, 11):
+        (tmp_path / f"f{size:02d}.mp4").write_bytes(b"x" * size)
+    blocks = balanced_blocks(list_sources([str(tmp_path)]), 3)
+    sizes = [[int(Path(p).stem[1:]) for p in b.column("path").to_pylist()] for b in blocks]
+    assert sizes == [[10, 5, 4], [9, 6, 3], [8, 7, 2, 1]]

@@ -1,0 +1,91 @@
+"""`avray train` on the session's local Ray: checkpoints, metrics, resume, and recovery from a
+worker killed after its first checkpoint."""
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.cli import main
+from jobs.preprocess import PreprocessConfig
+from jobs.preprocess import run as preprocess
+from jobs.train import TrainConfig, is_validation, run
+from models.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def clips(ray_local, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    assert main(["synth", "--out", str(root / "media"), "--videos", "8", "--seed", "2", "--seconds", "2",
+                 "--size", "64", "--fps", "10"]) == 0
+    assert preprocess(PreprocessConfig(inputs=(str(root / "media" / "manifest.jsonl"),), out=str(root / "data"),
+                                       clip_seconds=1.0, fps=4.0, size=64)) == 0
+    return root / "data" / "clips"
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_split_by_video_is_deterministic():
+    ids = [f"{i:016x}" for i in range(0, 2**32, 2**32 // 1000)]
+    val = [v for v in ids if is_validation(v, 0.1)]
+    assert len(val) == 100 and all(is_validation(v, 0.1) for v in val)
+
+
+def test_train_localization_checkpoints_and_resume(clips, tmp_path):
+    out = tmp_path / "loc"
+    cfg = TrainConfig(task="localization", data=str(clips), out=str(out), epochs=2, batch_size=4, val_fraction=0.25)
+    assert run(cfg) == 0
+    rows = _metrics(out)
+    assert [(r["epoch"], r["start_epoch"]) for r in rows] == [(0, 0), (1, 0)]
+    assert all(r["steps"] >= 1 and r["train_loss"] > 0 and 0 <= r["data_wait_fraction"] <= 1 for r in rows)
+    assert {"val_ciou50_own_audio", "val_auc_own_audio", "val_ciou50_silent_audio"} <= set(rows[-1])
+    model, ckpt = load_checkpoint(out / "model.pt")
+    assert ckpt["model"] == "localization" and ckpt["extra"]["epoch"] == 1
+    with pytest.raises(FileExistsError, match="already holds a run; pass --resume"):
+        run(cfg)
+    assert run(TrainConfig(**{**cfg.__dict__, "epochs": 3, "resume": True})) == 0
+    rows = _metrics(out)
+    assert [(r["epoch"], r["start_epoch"]) for r in rows] == [(0, 0), (1, 0), (2, 2)]  # only epoch 2 trained
+    assert load_checkpoint(out / "model.pt")[1]["extra"]["epoch"] == 2
+
+
+def test_train_separation_audio_visual(clips, tmp_path):
+    out = tmp_path / "sep"
+    assert run(TrainConfig(task="separation", data=str(clips), out=str(out), epochs=1, batch_size=4,
+                           val_fraction=0.25)) == 0
+    (row,) = _metrics(out)
+    assert {"val_si_sdri", "val_sdri", "val_si_sdri_wrong_visual"} <= set(row)
+    assert load_checkpoint(out / "model.pt")[0].cfg.audio_only is False
+
+
+def test_killed_worker_resumes_from_last_checkpoint(clips, tmp_path):
+    from ray.util.state import list_actors
+
+    out = tmp_path / "killed"
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            if out.is_dir() and any(p.name.startswith("checkpoint_") for p in out.iterdir()):
+                for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]):
+                    os.kill(a.pid, signal.SIGKILL)  # a process this test's Ray run started
+                    killed.append(a.pid)
+            time.sleep(0.2)
+
+    t = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    t.start()
+    assert run(TrainConfig(task="localization", data=str(clips), out=str(out), epochs=4, batch_size=4,
+                           val_fraction=0.25, max_failures=1)) == 0
+    t.join()
+    assert killed, "no worker was killed"
+    rows = _metrics(out)
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    assert rows[0]["start_epoch"] == 0 and rows[-1]["start_epoch"] >= 1  # resumed, not restarted
