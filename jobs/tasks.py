@@ -132,14 +132,13 @@ class SeparationTask:
         for batch in batches:
             if len(batch["audio"]) < cfg.num_speakers:
                 continue
-            mixture, sources, faces = self._mix(batch, cfg, gen)
-            mix_k = mixture[:, None].expand_as(sources)  # (B, K, S)
+            mixture, sources, faces = self._mix(batch, cfg, gen)  # (B, S), (B, K, S), (B, K, T, 3, s, s)
             est = model(mixture, None if cfg.audio_only else faces)["waveforms"]
-            acc["si_sdri"].append(si_sdr_improvement(est, sources, mix_k, pit=cfg.audio_only))
-            acc["sdri"].append(sdr_improvement(est, sources, mix_k, pit=cfg.audio_only))
+            acc["si_sdri"].append(si_sdr_improvement(est, sources, mixture, pit=cfg.audio_only))
+            acc["sdri"].append(sdr_improvement(est, sources, mixture, pit=cfg.audio_only))
             if not cfg.audio_only:
                 wrong = model(mixture, faces.roll(1, dims=1))["waveforms"]
-                acc["si_sdri_wrong_visual"].append(si_sdr_improvement(wrong, sources, mix_k))
+                acc["si_sdri_wrong_visual"].append(si_sdr_improvement(wrong, sources, mixture))
         return {k: float(torch.cat(v).mean()) for k, v in acc.items() if v}
 
 
