@@ -125,21 +125,29 @@ class SeparationTask:
 
     @torch.no_grad()
     def evaluate(self, model, batches: Iterable[dict[str, torch.Tensor]], cfg) -> dict[str, float]:
-        """SI-SDRi and SDRi (dB) on fixed mixtures; AV models also with the faces swapped
-        between speakers (the wrong visual stream)."""
+        """SI-SDRi and SDRi (dB) on fixed mixtures of audible clips; AV models also with the faces
+        swapped between speakers (the wrong visual stream). `mixtures` counts those scored."""
         gen = torch.Generator().manual_seed(0)
         acc: dict[str, list[torch.Tensor]] = {"si_sdri": [], "sdri": [], "si_sdri_wrong_visual": []}
         for batch in batches:
             if len(batch["audio"]) < cfg.num_speakers:
                 continue
             mixture, sources, faces = self._mix(batch, cfg, gen)  # (B, S), (B, K, S), (B, K, T, 3, s, s)
+            # SDR and SI-SDR are undefined against a silent reference: score mixtures whose every
+            # source is above -60 dBFS RMS (a clip can be silent: every object quiet in its span)
+            audible = (sources.pow(2).mean(dim=-1) > 1e-6).all(dim=1)  # (B,)
+            if not audible.any():
+                continue
+            mixture, sources, faces = mixture[audible], sources[audible], faces[audible]
             est = model(mixture, None if cfg.audio_only else faces)["waveforms"]
             acc["si_sdri"].append(si_sdr_improvement(est, sources, mixture, pit=cfg.audio_only))
             acc["sdri"].append(sdr_improvement(est, sources, mixture, pit=cfg.audio_only))
             if not cfg.audio_only:
                 wrong = model(mixture, faces.roll(1, dims=1))["waveforms"]
                 acc["si_sdri_wrong_visual"].append(si_sdr_improvement(wrong, sources, mixture))
-        return {k: float(torch.cat(v).mean()) for k, v in acc.items() if v}
+        res = {k: float(torch.cat(v).mean()) for k, v in acc.items() if v}
+        res["mixtures"] = float(sum(len(v) for v in acc["si_sdri"]))
+        return res
 
 
 TASKS: dict[str, Any] = {"localization": LocalizationTask(), "separation": SeparationTask()}

@@ -61,6 +61,7 @@ def test_train_separation_audio_visual(clips, tmp_path):
     assert run(TrainConfig(task="separation", data=str(clips), out=str(out), epochs=1, batch_size=4,
                            val_fraction=0.25)) == 0
     (row,) = _metrics(out)
+    assert row["val_mixtures"] >= 1
     assert {"val_si_sdri", "val_sdri", "val_si_sdri_wrong_visual"} <= set(row)
     assert load_checkpoint(out / "model.pt")[0].cfg.audio_only is False
 
