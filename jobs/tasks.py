@@ -22,12 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.caption_metrics import bleu4, cider, sounding_object_accuracy
+from models.captioning import PRESETS as CAP_PRESETS, caption_loss, decode, encode_batch
 from models.localization import PRESETS as LOC_PRESETS, heatmap, localization_loss
 from models.metrics import auc_success, ciou, ciou_at
 from models.separation import PRESETS as SEP_PRESETS, mix_and_separate_batch, separation_loss
 from models.separation_metrics import si_sdr_improvement, sdr_improvement
 from pipelines.decode import DecodeConfig
-from pipelines.groundtruth import clip_targets
+from pipelines.groundtruth import clip_caption, clip_targets
 from pipelines.schema import decode_clip_batch
 
 
@@ -150,4 +152,63 @@ class SeparationTask:
         return res
 
 
-TASKS: dict[str, Any] = {"localization": LocalizationTask(), "separation": SeparationTask()}
+def clip_captions(batch: dict[str, Any]) -> list[str]:
+    """Target caption of each clip row: from the scene ground truth for the clip's own span when
+    the row has one (synthetic scenes), else the carried `caption` column (e.g. a dataset manifest)."""
+    gts = batch.get("ground_truth")
+    caps = batch.get("caption")
+    out = []
+    for i in range(len(batch["video_id"])):
+        if gts is not None and gts[i] is not None:
+            out.append(clip_caption(gts[i], float(batch["start_s"][i]), float(batch["end_s"][i])))
+        elif caps is not None and caps[i] is not None:
+            out.append(str(caps[i]))
+        else:
+            raise ValueError(f"clip of video {batch['video_id'][i]} has neither ground_truth nor caption")
+    return out
+
+
+class CaptioningTask:
+    """Show, Attend and Tell over a clip's frames (temporal + spatial attention) with its audio.
+    Presets are functions of the vocabulary, which train.run builds from the training captions."""
+
+    model = "captioning"
+    configs = CAP_PRESETS
+    columns = ["video_id", "start_s", "end_s", "frames", "frames_shape", "logmel", "logmel_shape",
+               "ground_truth", "caption"]
+
+    def __init__(self, vocab: tuple[str, ...] = (), max_len: int = 24) -> None:
+        self.vocab, self.max_len = vocab, max_len
+
+    def collate(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """-> frames float (B, T, 3, H, W), logmel (B, M, N), tokens long (B, L): <bos> ... <eos> <pad>..."""
+        b = decode_clip_batch(batch)
+        return {"frames": _frames_float(b["frames"]), "logmel": torch.from_numpy(np.ascontiguousarray(b["logmel"])),
+                "tokens": encode_batch(clip_captions(batch), self.vocab, self.max_len)}
+
+    def step(self, model, batch, cfg, gen=None) -> dict[str, torch.Tensor]:
+        tokens = batch["tokens"]
+        out = model(batch["frames"], batch["logmel"], tokens[:, :-1])
+        return caption_loss(out, tokens[:, 1:], cfg)
+
+    @torch.no_grad()
+    def evaluate(self, model, batches: Iterable[dict[str, torch.Tensor]], cfg) -> dict[str, float]:
+        """BLEU-4, CIDEr and sounding-object accuracy of greedy captions, with and without audio.
+        References are the target captions as the vocabulary spells them."""
+        refs: list[str] = []
+        hyps: dict[str, list[str]] = {"audio": [], "no_audio": []}
+        for batch in batches:
+            refs += [decode(t, cfg.vocab) for t in batch["tokens"]]
+            for name, mel in (("audio", batch["logmel"]), ("no_audio", None)):
+                hyps[name] += [decode(t, cfg.vocab) for t in model.greedy(batch["frames"], mel)]
+        res: dict[str, float] = {"captions": float(len(refs))}
+        if len(refs) >= 2:  # CIDEr's idf needs a corpus
+            for name, h in hyps.items():
+                res[f"bleu4_{name}"] = bleu4(h, [[r] for r in refs])
+                res[f"cider_{name}"] = cider(h, [[r] for r in refs])
+                res[f"sounding_object_acc_{name}"] = sounding_object_accuracy(h, refs)
+        return res
+
+
+TASKS: dict[str, Any] = {"localization": LocalizationTask(), "separation": SeparationTask(),
+                         "captioning": CaptioningTask()}

@@ -1,8 +1,9 @@
 """Train a model on clip Parquet with Ray Train (TorchTrainer), streaming the clips.
 
-Tasks: localization (sound source localization, Senocak et al. / EZ-VSL) and separation
+Tasks: localization (sound source localization, Senocak et al. / EZ-VSL), separation
 (audio-visual speech separation, Looking to Listen; presets `tiny-audio-only` /
-`paper-audio-only` train the audio-only PIT baseline). The clips are split into train and
+`paper-audio-only` train the audio-only PIT baseline) and captioning (Show, Attend and Tell
+over the clip's frames, with its audio; the vocabulary comes from the training captions). The clips are split into train and
 validation by video id (never a video in both), streamed to the workers with
 `get_dataset_shard(...).iter_torch_batches`, and every epoch writes a checkpoint under RUN
 (the one avray format: model name, config, state_dict, extra) plus a line of
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    task: str = field(metadata={"help": "what to train", "choices": ("localization", "separation")})
+    task: str = field(metadata={"help": "what to train", "choices": ("localization", "separation", "captioning")})
     data: str = field(metadata={"help": "clip Parquet folder (OUT/clips of avray preprocess)"})
     out: str = field(metadata={"help": "run folder: checkpoints, metrics.jsonl, model.pt", "short": "-o"})
     preset: str = field(default="tiny", metadata={"help": "model preset (tiny, paper; separation also *-audio-only)"})
@@ -51,8 +52,23 @@ def is_validation(video_id: str, fraction: float) -> bool:
     return int(video_id[:8], 16) / 2**32 < fraction
 
 
-def model_config(cfg: TrainConfig):
-    """The model config of `cfg.task` / `cfg.preset` (plus the local visual weights)."""
+def validation_videos(video_ids, fraction: float):
+    """The held-out videos: those `is_validation` picks, but at least one, and never all (a
+    small dataset could otherwise get an empty split). Returns a pyarrow string array."""
+    import pyarrow as pa
+
+    ids = sorted(set(video_ids.to_pylist()))
+    if len(ids) < 2:
+        raise ValueError(f"need clips of at least 2 videos to hold some out, got {len(ids)}")
+    val = [v for v in ids if is_validation(v, fraction)] or ids[:1]  # ids[:1]: the smallest hash
+    if len(val) == len(ids):
+        val = val[:-1]
+    return pa.array(val, pa.string())
+
+
+def model_config(cfg: TrainConfig, vocab: tuple[str, ...] = ()):
+    """The model config of `cfg.task` / `cfg.preset` (plus the local visual weights); captioning
+    presets are functions of the vocabulary."""
     from dataclasses import replace
 
     from jobs.tasks import TASKS
@@ -61,6 +77,7 @@ def model_config(cfg: TrainConfig):
     if cfg.preset not in task.configs:
         raise ValueError(f"unknown preset {cfg.preset!r} for {cfg.task}; choose from {sorted(task.configs)}")
     mcfg = task.configs[cfg.preset]
+    mcfg = mcfg(vocab) if callable(mcfg) else mcfg
     if cfg.visual_weights:
         if not hasattr(mcfg, "visual"):
             raise ValueError(f"--visual-weights applies to models with a ResNet visual trunk, not {cfg.task}")
@@ -78,10 +95,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from jobs.tasks import TASKS
     from models.checkpoint import build_model, load_checkpoint, save_checkpoint
 
-    task, mcfg = TASKS[config["task"]], config["model_config"]
+    task, mcfg = config["task"], config["model_config"]
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.manual_seed(config["seed"] + rank)
@@ -170,7 +186,8 @@ def run(cfg: TrainConfig) -> int:
     if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.num_workers < 1:
         raise ValueError("--epochs and --num-workers must be >= 1, --batch-size >= 2")
     task = TASKS[cfg.task]
-    mcfg = model_config(cfg)
+    from models.captioning import SPECIALS
+    model_config(cfg, SPECIALS)  # bad presets / weights fail here, before Ray starts
     run_dir = os.path.abspath(cfg.out)
     storage, name = os.path.dirname(run_dir), os.path.basename(run_dir)
     if os.path.isdir(run_dir) and os.listdir(run_dir) and not cfg.resume:
@@ -188,16 +205,30 @@ def run(cfg: TrainConfig) -> int:
         columns = [c for c in task.columns if c in present]
         ds = ray.data.read_parquet(cfg.data, columns=columns)
 
+        val_ids = validation_videos(pq.read_table(cfg.data, columns=["video_id"]).column("video_id"),
+                                    cfg.val_fraction)
+
         def split(val: bool):
             def keep(t: pa.Table) -> pa.Table:
-                ids = t.column("video_id").to_pylist()
-                return t.filter(pa.array([is_validation(v, cfg.val_fraction) == val for v in ids]))
+                return t.filter(pc.is_in(t.column("video_id"), value_set=val_ids) if val else
+                                pc.invert(pc.is_in(t.column("video_id"), value_set=val_ids)))
             return ds.map_batches(keep, batch_format="pyarrow", batch_size=None)
 
+        train_ds, val_ds = split(False), split(True)
+        vocab: tuple[str, ...] = ()
+        if cfg.task == "captioning":  # the vocabulary of the training captions, stored in the model config
+            from jobs.tasks import CaptioningTask, clip_captions
+            from models.captioning import build_vocab
+            caps = [c for b in train_ds.iter_batches(batch_size=1024, batch_format="numpy")
+                    for c in clip_captions(b)]
+            vocab = build_vocab(caps)
+            task = CaptioningTask(vocab)
+            log.info("vocabulary: %d words from %d training captions", len(vocab), len(caps))
+        mcfg = model_config(cfg, vocab)
         use_gpu = {"yes": True, "no": False}.get(cfg.use_gpu, ray.cluster_resources().get("GPU", 0) > 0)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"task": cfg.task, "model_config": mcfg, "epochs": cfg.epochs, "seed": cfg.seed,
+            train_loop_config={"task": task, "model_config": mcfg, "epochs": cfg.epochs, "seed": cfg.seed,
                                "run_dir": run_dir,
                                "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
@@ -205,7 +236,7 @@ def run(cfg: TrainConfig) -> int:
                 name=name, storage_path=storage,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
-            datasets={"train": split(False), "val": split(True)},
+            datasets={"train": train_ds, "val": val_ds},
             dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         )
         result = trainer.fit()

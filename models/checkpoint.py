@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.captioning import Captioner, CaptioningConfig
 from models.localization import LocalizationConfig, SoundLocalizer
 from models.separation import AVSeparator, SeparationConfig
 
@@ -33,6 +34,7 @@ from models.separation import AVSeparator, SeparationConfig
 BUILDERS: dict[str, tuple[type, type]] = {
     "localization": (LocalizationConfig, SoundLocalizer),
     "separation": (SeparationConfig, AVSeparator),
+    "captioning": (CaptioningConfig, Captioner),
 }
 
 _KEYS = ("model", "config", "state_dict", "extra")

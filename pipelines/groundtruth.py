@@ -60,3 +60,19 @@ def clip_targets(ground_truth: str | dict[str, Any], start_s: float, num_frames:
     return ClipTargets(boxes=out, sounding=sounding.T.copy(), shapes=[o["shape"] for o in objs],
                        colours=[o["colour"] for o in objs], sounds=[o["sound"] for o in objs],
                        caption=gt["caption"])
+
+
+def clip_caption(ground_truth: str | dict[str, Any], start_s: float, end_s: float) -> str:
+    """The scene grammar's caption for the span [start_s, end_s) only: each object's boxes,
+    sounding flags and segments are cut to the frames and times of the clip, so the caption
+    names what sounds in the clip (the video-level caption names what sounds longest overall)."""
+    from pipelines.synth import caption
+
+    gt = json.loads(ground_truth) if isinstance(ground_truth, str) else ground_truth
+    lo = min(int(np.floor(start_s * gt["fps"] + 1e-6)), gt["num_frames"] - 1)
+    hi = max(lo + 1, min(int(np.ceil(end_s * gt["fps"] - 1e-6)), gt["num_frames"]))
+    objs = []
+    for o in gt["objects"]:
+        segs = [[max(a, start_s), min(b, end_s)] for a, b in o["segments"] if min(b, end_s) > max(a, start_s)]
+        objs.append({**o, "boxes": o["boxes"][lo:hi], "sounding": o["sounding"][lo:hi], "segments": segs})
+    return caption(objs, gt["size"])

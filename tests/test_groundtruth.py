@@ -39,3 +39,17 @@ def test_targets_cover_the_drawn_objects(tmp_path, resize):
     src = np.floor(0.0 * 10 + np.arange(5) / 5 * 10 + 1e-6).astype(int)  # frames 0, 2, 4, 6, 8
     first = clip_targets(gt, 0.0, 5, cfg)
     np.testing.assert_array_equal(first.sounding[:, 0], np.asarray(gt["objects"][0]["sounding"])[src])
+
+
+def test_clip_caption_names_what_sounds_in_the_clip():
+    from pipelines.groundtruth import clip_caption
+
+    def obj(i, colour, shape, sound, segments, x):
+        return {"id": i, "shape": shape, "colour": colour, "texture": "solid", "sound": sound,
+                "boxes": [[x, 10, x + 20, 30]] * 40, "segments": segments,
+                "sounding": [any(a <= (f + 0.5) / 10 < b for a, b in segments) for f in range(40)]}
+    gt = {"fps": 10, "num_frames": 40, "size": 96, "caption": "whole video",
+          "objects": [obj(0, "red", "circle", "tone_220", [[0.0, 2.5]], 5),        # left, sounds 0-2.5 s
+                      obj(1, "blue", "square", "clicks_2", [[2.0, 4.0]], 70)]}    # right, sounds 2-4 s
+    assert clip_caption(gt, 0.0, 1.0) == "a red circle on the left hums while a blue square on the right is silent"
+    assert clip_caption(gt, 3.0, 4.0) == "a blue square on the right clicks while a red circle on the left is silent"

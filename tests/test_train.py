@@ -12,7 +12,7 @@ import pytest
 from jobs.cli import main
 from jobs.preprocess import PreprocessConfig
 from jobs.preprocess import run as preprocess
-from jobs.train import TrainConfig, is_validation, run
+from jobs.train import TrainConfig, is_validation, run, validation_videos
 from models.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -33,9 +33,16 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def test_split_by_video_is_deterministic():
+    import pyarrow as pa
     ids = [f"{-(-i * 2**32 // 1000):08x}00000000" for i in range(1000)]  # fractions >= i / 1000
     val = [v for v in ids if is_validation(v, 0.1)]
-    assert len(val) == 100 and all(is_validation(v, 0.1) for v in val)
+    assert val == ids[:100]
+    assert validation_videos(pa.array(ids * 3), 0.1).to_pylist() == ids[:100]  # clips of a video: once
+    # a small dataset whose hashes all miss the fraction still holds one video out, and never all
+    assert validation_videos(pa.array(["f0000000aa", "e0000000bb"]), 0.1).to_pylist() == ["e0000000bb"]
+    assert validation_videos(pa.array(["00000000aa", "00000001bb"]), 0.9).to_pylist() == ["00000000aa"]
+    with pytest.raises(ValueError, match="at least 2 videos"):
+        validation_videos(pa.array(["00000000aa"]), 0.5)
 
 
 def test_train_localization_checkpoints_and_resume(clips, tmp_path):
@@ -93,3 +100,16 @@ def test_killed_worker_resumes_from_last_checkpoint(clips, tmp_path):
     rows = _metrics(out)
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4]
     assert rows[0]["start_epoch"] == 0 and rows[-1]["start_epoch"] >= 1  # resumed, not restarted
+
+
+def test_train_captioning_builds_vocab_from_clip_captions(clips, tmp_path):
+    out = tmp_path / "cap"
+    assert run(TrainConfig(task="captioning", data=str(clips), out=str(out), epochs=1, batch_size=4,
+                           val_fraction=0.25)) == 0
+    (row,) = _metrics(out)
+    assert row["val_captions"] >= 2
+    assert {"val_bleu4_audio", "val_cider_audio", "val_sounding_object_acc_audio", "val_cider_no_audio"} <= set(row)
+    model, ckpt = load_checkpoint(out / "model.pt")
+    vocab = ckpt["config"]["vocab"]
+    assert tuple(vocab[:4]) == ("<pad>", "<bos>", "<eos>", "<unk>") and {"while", "is", "silent"} <= set(vocab)
+    assert tuple(vocab) == model.cfg.vocab
