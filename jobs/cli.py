@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "synth": "jobs.synth",
     "preprocess": "jobs.preprocess",
     "train": "jobs.train",
+    "evaluate": "jobs.evaluate",
 }
 
 

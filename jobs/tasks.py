@@ -38,6 +38,11 @@ def _frames_float(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 1, 4, 2, 3).float() / 255.0  # (B, T, 3, H, W)
 
 
+def _log_spec(x: torch.Tensor) -> np.ndarray:
+    from pipelines.spectrogram import SpectrogramConfig, stft
+    return (20 * torch.log10(stft(x.float().cpu(), SpectrogramConfig()).abs() + 1e-5)).numpy()  # (F, N) dB
+
+
 class LocalizationTask:
     """Senocak et al. / EZ-VSL: the middle frame of each clip against the clip's log-mel."""
 
@@ -99,6 +104,32 @@ class LocalizationTask:
         return res
 
 
+    @torch.no_grad()
+    def figure(self, model, batch: dict[str, torch.Tensor], cfg, path: str, n: int = 4) -> None:
+        """Frames with the heatmap for the clip's own audio and for silence; the sounding boxes outlined."""
+        import matplotlib.pyplot as plt
+
+        keep = torch.nonzero(batch["has_box"]).flatten()[:n]
+        if len(keep) == 0:
+            keep = torch.arange(min(n, len(batch["frame"])))
+        frame, mel, box = batch["frame"][keep], batch["logmel"][keep], batch["box_mask"][keep]
+        maps = {"own audio": heatmap(model(frame, mel), frame.shape[-2:]),
+                "silence": heatmap(model(frame, torch.full_like(mel, float(mel.min()))), frame.shape[-2:])}
+        fig, axes = plt.subplots(len(keep), 2, figsize=(6, 3 * len(keep)), squeeze=False)
+        for i in range(len(keep)):
+            for j, (name, m) in enumerate(maps.items()):
+                ax = axes[i, j]
+                ax.imshow(frame[i].permute(1, 2, 0).cpu().numpy())
+                ax.imshow(m[i].cpu().numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+                if box[i].any():
+                    ax.contour(box[i].cpu().numpy(), levels=[0.5], colors="white", linewidths=1)
+                ax.set_title(name, fontsize=9)
+                ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+
+
 class SeparationTask:
     """Looking to Listen, trained by mix-and-separate: K clips' soundtracks are summed and each
     clip's own frames must pull its own soundtrack out (audio-only: PIT, frames unused)."""
@@ -150,6 +181,27 @@ class SeparationTask:
         res = {k: float(torch.cat(v).mean()) for k, v in acc.items() if v}
         res["mixtures"] = float(sum(len(v) for v in acc["si_sdri"]))
         return res
+
+    @torch.no_grad()
+    def figure(self, model, batch: dict[str, torch.Tensor], cfg, path: str, n: int = 2) -> None:
+        """Log spectrograms of mixture, estimate and reference for each speaker of n mixtures."""
+        import matplotlib.pyplot as plt
+
+        mixture, sources, faces = self._mix(batch, cfg, torch.Generator().manual_seed(0))
+        mixture, sources, faces = mixture[:n], sources[:n], faces[:n]
+        est = model(mixture, None if cfg.audio_only else faces)["waveforms"]
+        K = sources.shape[1]
+        fig, axes = plt.subplots(len(mixture), 1 + 2 * K, figsize=(3 * (1 + 2 * K), 2.6 * len(mixture)), squeeze=False)
+        for i in range(len(mixture)):
+            panels = [("mixture", mixture[i])] + [p for k in range(K) for p in
+                                                 ((f"estimate {k}", est[i, k]), (f"reference {k}", sources[i, k]))]
+            for ax, (name, wave) in zip(axes[i], panels):
+                ax.imshow(_log_spec(wave), origin="lower", aspect="auto", cmap="magma", vmin=-100, vmax=0)
+                ax.set_title(name, fontsize=9)
+                ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
 
 
 def clip_captions(batch: dict[str, Any]) -> list[str]:
@@ -209,6 +261,25 @@ class CaptioningTask:
                 res[f"sounding_object_acc_{name}"] = sounding_object_accuracy(h, refs)
         return res
 
+    @torch.no_grad()
+    def figure(self, model, batch: dict[str, torch.Tensor], cfg, path: str, n: int = 4) -> None:
+        """Middle frame of n clips with the reference caption and greedy captions with / without audio."""
+        import matplotlib.pyplot as plt
+
+        frames, mel = batch["frames"][:n], batch["logmel"][:n]
+        with_audio = [decode(t, cfg.vocab) for t in model.greedy(frames, mel)]
+        without = [decode(t, cfg.vocab) for t in model.greedy(frames, None)]
+        fig, axes = plt.subplots(len(frames), 1, figsize=(7, 3.2 * len(frames)), squeeze=False)
+        for i, ax in enumerate(axes[:, 0]):
+            ax.imshow(frames[i, frames.shape[1] // 2].permute(1, 2, 0).cpu().numpy())
+            ax.set_title(f"reference: {decode(batch['tokens'][i], cfg.vocab)}\nwith audio: {with_audio[i]}\n"
+                         f"without audio: {without[i]}", fontsize=7, loc="left")
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+
 
 TASKS: dict[str, Any] = {"localization": LocalizationTask(), "separation": SeparationTask(),
                          "captioning": CaptioningTask()}
+

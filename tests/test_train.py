@@ -12,6 +12,8 @@ import pytest
 from jobs.cli import main
 from jobs.preprocess import PreprocessConfig
 from jobs.preprocess import run as preprocess
+from jobs.evaluate import EvaluateConfig
+from jobs.evaluate import run as evaluate
 from jobs.train import TrainConfig, is_validation, run, validation_videos
 from models.checkpoint import load_checkpoint
 
@@ -30,6 +32,16 @@ def clips(ray_local, tmp_path_factory) -> Path:
 
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _evaluate(task: str, run_dir: Path, clips: Path, out: Path) -> dict:
+    """avray evaluate on the held-out videos of the run: metrics.json and a PNG figure."""
+    assert evaluate(EvaluateConfig(task=task, checkpoint=str(run_dir / "model.pt"), data=str(clips), out=str(out),
+                                   split="val", val_fraction=0.25, batch_size=4, examples=2)) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["task"] == task and report["split"] == "val" and report["clips"] >= 2
+    assert (out / f"{task}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return report["metrics"]
 
 
 def test_split_by_video_is_deterministic():
@@ -61,6 +73,11 @@ def test_train_localization_checkpoints_and_resume(clips, tmp_path):
     rows = _metrics(out)
     assert [(r["epoch"], r["start_epoch"]) for r in rows] == [(0, 0), (1, 0), (2, 2)]  # only epoch 2 trained
     assert load_checkpoint(out / "model.pt")[1]["extra"]["epoch"] == 2
+    metrics = _evaluate("localization", out, clips, tmp_path / "eval")
+    assert set(metrics) >= {"ciou50_own_audio", "auc_other_audio", "ciou50_silent_audio", "clips_with_box"}
+    with pytest.raises(ValueError, match="holds a localization model, not separation"):
+        evaluate(EvaluateConfig(task="separation", checkpoint=str(out / "model.pt"), data=str(clips),
+                                out=str(tmp_path / "bad")))
 
 
 def test_train_separation_audio_visual(clips, tmp_path):
@@ -71,6 +88,7 @@ def test_train_separation_audio_visual(clips, tmp_path):
     assert row["val_mixtures"] >= 1
     assert {"val_si_sdri", "val_sdri", "val_si_sdri_wrong_visual"} <= set(row)
     assert load_checkpoint(out / "model.pt")[0].cfg.audio_only is False
+    assert {"si_sdri", "sdri", "si_sdri_wrong_visual", "mixtures"} <= set(_evaluate("separation", out, clips, tmp_path / "eval"))
 
 
 def test_killed_worker_resumes_from_last_checkpoint(clips, tmp_path):
@@ -113,3 +131,5 @@ def test_train_captioning_builds_vocab_from_clip_captions(clips, tmp_path):
     vocab = ckpt["config"]["vocab"]
     assert tuple(vocab[:4]) == ("<pad>", "<bos>", "<eos>", "<unk>") and {"while", "is", "silent"} <= set(vocab)
     assert tuple(vocab) == model.cfg.vocab
+    metrics = _evaluate("captioning", out, clips, tmp_path / "eval")
+    assert {"bleu4_audio", "cider_no_audio", "sounding_object_acc_audio"} <= set(metrics)
