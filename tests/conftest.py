@@ -8,6 +8,19 @@ FIXTURES = ROOT / "tests" / "fixtures"
 SHARED_MEDIA = ROOT.parent / "shared" / "media"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Torch on one thread in the test process: on a shared 2-core box a 2-thread OpenMP pool
+    spins at its barriers whenever another process holds a core (a toy training ran 134 s
+    instead of 12 s, measured). Ray workers are separate processes and keep Ray's setting."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A 2-CPU local Ray for the whole session, always shut down."""

@@ -16,15 +16,6 @@ B, T, H, W, M, N, L = 3, 3, 67, 67, 64, 37, 7
 WORDS = SPECIALS + tuple("abcdefghij")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # One thread keeps timings stable on a shared 2-core box (2 OpenMP threads stall under contention).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _inputs(seed: int = 0, b: int = B):
     g = torch.Generator().manual_seed(seed)
     return (torch.rand(b, T, 3, H, W, generator=g), torch.randn(b, M, N, generator=g) - 5,
@@ -233,7 +224,7 @@ def _toy(n: int, g: torch.Generator):
 
 
 @pytest.fixture(scope="module")
-def trained(one_thread):
+def trained():
     vocab = build_vocab(f"a {c} square {p} {v}" for c in COLOURS for p in PLACES for v in VERBS)
     cfg = preset("tiny", vocab)
     torch.manual_seed(0)

@@ -15,14 +15,6 @@ from models.localization import PRESETS, LocalizationConfig, SoundLocalizer
 B, H, W, M, N = 3, 67, 67, 64, 37
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @dataclass(frozen=True)
 class _Inner:
     sizes: tuple[int, ...] = (3, 5)

@@ -14,16 +14,6 @@ VISUAL_GRID = {"tiny": (9, 9), "resnet18": (3, 3)}
 AUDIO_GRID = {"tiny": (8, 5), "vggish": (4, 3), "resnet18": (2, 2)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny convs gain nothing from 2 OpenMP threads, and on a shared 2-core machine the spinning
-    # threads can stall for seconds; one thread keeps the timings stable.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_frames_to_tensor_layout_and_range():
     frames = np.random.default_rng(0).integers(0, 256, size=(5, H, W, 3), dtype=np.uint8)
     x = frames_to_tensor(frames)

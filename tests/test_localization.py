@@ -13,15 +13,6 @@ B, H, W = 3, 67, 67
 M, N = 64, 37
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # See tests/test_encoders.py: one thread keeps tiny-model timings stable on a shared 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _unit(x: torch.Tensor, dim: int) -> torch.Tensor:
     return F.normalize(x, dim=dim)
 

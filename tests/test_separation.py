@@ -22,16 +22,6 @@ B, S, T, PX = 3, 8000 + 37, 5, 33
 N = S // 160 + 1  # 51 STFT frames at the default hop
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On a shared 2-core box a 2-thread OpenMP pool spins at its barriers when another process holds
-    # a core: the toy training ran 10x slower (134 s vs 12 s, measured). One thread is predictable.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _inputs(k: int, seed: int = 0, b: int = B) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return 0.1 * torch.randn(b, S, generator=g), torch.rand(b, k, T, 3, PX, PX, generator=g)
