@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= demo
 
-.PHONY: demo test bench-ingest clean
+.PHONY: demo test bench-ingest bench-train clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench-ingest: $(STAMP)
-	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/ingest.py --runs 3 --write BENCHMARKS.md
+
+bench-train: $(STAMP)
+	$(BIN)/python benchmarks/train.py --runs 3 --write BENCHMARKS.md
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -36,6 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.common import write_section  # noqa: E402
 SHARED_VIDEO = ROOT.parent / "shared" / "media" / "video"
 BBB = SHARED_VIDEO / "big_buck_bunny_0_30.webm"
 
@@ -311,14 +312,7 @@ def main() -> None:
     ])
     print(md)
     if args.write:
-        path = Path(args.write)
-        text = path.read_text() if path.exists() else "# Benchmarks\n"
-        start, end = "<!-- ingest:start -->", "<!-- ingest:end -->"
-        block = f"{start}\n{md}\n{end}"
-        text = (text[:text.index(start)] + block + text[text.index(end) + len(end):]) if start in text \
-            else text.rstrip() + "\n\n" + block + "\n"
-        path.write_text(text)
-
+        write_section(Path(args.write), "ingest", md)
 
 if __name__ == "__main__":
     main()

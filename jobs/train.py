@@ -87,6 +87,40 @@ def model_config(cfg: TrainConfig, vocab: tuple[str, ...] = ()):
     return mcfg
 
 
+def train_epoch(model, opt, batches, task, mcfg, gen, device, amp: bool) -> dict[str, float]:
+    """One pass over `batches` (an iterable of collated tensor dicts): the step code of every
+    worker, also used by benchmarks/train.py's plain loop. "Data wait" is the time spent in
+    next() on the iterator. Returns train_loss, steps, samples_per_s (this process),
+    data_wait_fraction and epoch_seconds."""
+    import torch
+
+    model.train()
+    t0 = time.perf_counter()
+    wait = 0.0
+    steps = samples = 0
+    loss_sum = 0.0
+    it = iter(batches)
+    while True:
+        tw = time.perf_counter()
+        batch = next(it, None)
+        wait += time.perf_counter() - tw
+        if batch is None:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            losses = task.step(model, batch, mcfg, gen)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        opt.step()
+        loss_sum += float(losses["loss"])
+        steps += 1
+        samples += len(next(iter(batch.values())))
+    seconds = time.perf_counter() - t0
+    return {"train_loss": loss_sum / max(steps, 1), "steps": steps,
+            "samples_per_s": samples / seconds if seconds else 0.0,
+            "data_wait_fraction": wait / seconds if seconds else 0.0, "epoch_seconds": seconds}
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import tempfile
@@ -125,32 +159,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                         prefetch_batches=2, drop_last=name == "train")
 
     for epoch in range(start_epoch, config["epochs"]):
-        model.train()
-        t0 = time.perf_counter()
-        wait = steps = samples = 0
-        loss_sum = 0.0
-        it = iter(batches("train"))
-        while True:
-            tw = time.perf_counter()
-            batch = next(it, None)
-            wait += time.perf_counter() - tw
-            if batch is None:
-                break
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                losses = task.step(model, batch, mcfg, gen)
-            opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            opt.step()
-            loss_sum += float(losses["loss"])
-            steps += 1
-            samples += len(next(iter(batch.values())))
-        train_s = time.perf_counter() - t0
+        stats = train_epoch(model, opt, batches("train"), task, mcfg, gen, device, amp)
         model.eval()
         val = task.evaluate(core, ({k: v.to(device) for k, v in b.items()} for b in batches("val")), mcfg)
-        metrics = {"epoch": epoch, "start_epoch": start_epoch, "train_loss": loss_sum / max(steps, 1), "steps": steps,
-                   "samples_per_s": samples * ctx.get_world_size() / train_s if train_s else 0.0,
-                   "data_wait_fraction": wait / train_s if train_s else 0.0, "epoch_seconds": train_s,
+        metrics = {"epoch": epoch, "start_epoch": start_epoch, **stats,
+                   "samples_per_s": stats["samples_per_s"] * ctx.get_world_size(),
                    **{f"val_{k}": v for k, v in val.items()}}
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None

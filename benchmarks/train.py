@@ -1,0 +1,352 @@
+"""Training benchmark: `avray train` with 1 worker against a plain PyTorch loop, same data.
+
+One run measures, per task (--tasks), on the same clips (synthetic scenes made once under
+bench-out/train/: `avray synth` then `avray preprocess` at 96 px, 8 fps), the same preset,
+batch size, number of epochs and training split (jobs.train.validation_videos):
+
+  (a) a plain loop in this process: pyarrow.dataset streams the clip Parquet (only the
+      task's columns, the validation videos filtered out), re-batched to --batch-size rows
+      and turned into the dict of numpy arrays that Ray Data hands `iter_torch_batches`'s
+      collate_fn (checked on one batch: same keys, dtypes, element types, values and
+      identical `task.collate` output), then the loop of jobs.train.train_loop_per_worker:
+      task.collate, task.step, AdamW, drop_last, with the same torch thread count as a Ray
+      Train worker;
+  (b) `avray train` (jobs.train.run, --num-workers 1, no GPU) on a local Ray started with 2
+      CPUs before the clock starts; samples/s and the data-wait fraction come from
+      RUN/metrics.jsonl, measured inside the worker over the training pass only (validation
+      and checkpointing excluded); the wall time of the whole run() call is reported too.
+
+"Data wait" is the time spent in `next()` on the batch iterator (reading, filtering,
+converting and collating, or waiting for Ray Data's prefetch), as a fraction of the epoch's
+training time. The first epoch is a warm-up; steady-state figures pool epochs 2..N. Each
+figure is the median of --runs runs (plain and Ray interleaved). Results are printed as
+Markdown and, with --write BENCHMARKS.md, replace the section between the train markers there.
+
+    python benchmarks/train.py --runs 3 --write BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import write_section  # noqa: E402
+
+
+def make_data(work: Path, videos: int, seconds: float, size: int, fps: float) -> Path:
+    """bench-out/train/data/clips: `avray synth` scenes preprocessed at `size` px, `fps`;
+    reused when a previous run made it with the same settings."""
+    from jobs.cli import main as cli
+    from jobs.preprocess import PreprocessConfig, run
+
+    media, data = work / "media", work / "data"
+    settings = {"videos": videos, "seconds": seconds, "size": size, "fps": fps}
+    stamp = work / "data-settings.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == settings and (data / "clips").is_dir():
+        return data / "clips"
+    shutil.rmtree(media, ignore_errors=True)
+    shutil.rmtree(data, ignore_errors=True)
+    cli(["synth", "--out", str(media), "--videos", str(videos), "--seconds", str(seconds),
+         "--size", str(size), "--seed", "0"])
+    run(PreprocessConfig(inputs=(str(media / "manifest.jsonl"),), out=str(data), size=size, fps=fps,
+                         num_cpus=2))
+    stamp.write_text(json.dumps(settings))
+    return data / "clips"
+
+
+def to_numpy_batch(table) -> dict[str, Any]:
+    """pyarrow Table -> dict of numpy arrays, exactly as Ray Data's `batch_format="numpy"` does
+    it (ArrowBlockAccessor.to_numpy: combine each column's chunks, then
+    `to_numpy(zero_copy_only=False)`): numbers become numeric arrays, binary/string/list
+    columns object arrays of bytes / str / int32 arrays."""
+    return {name: table.column(name).combine_chunks().to_numpy(zero_copy_only=False)
+            for name in table.column_names}
+
+
+def train_columns(clips: Path, task) -> list[str]:
+    """The task's columns that the clip files hold (what jobs.train.run asks Ray Data for)."""
+    import pyarrow.parquet as pq
+    from jobs.train import _parts
+    present = set(pq.read_schema(sorted(_parts(str(clips)))[0]).names)
+    return [c for c in task.columns if c in present]
+
+
+def val_ids(clips: Path, fraction: float = 0.1):
+    """The held-out video ids, as jobs.train.run computes them (val_fraction default 0.1)."""
+    import pyarrow.parquet as pq
+    from jobs.train import validation_videos
+    return validation_videos(pq.read_table(str(clips), columns=["video_id"]).column("video_id"), fraction)
+
+
+def numpy_batches(clips: Path, columns: list[str], held_out, batch_size: int,
+                  drop_last: bool = True) -> Iterator[dict[str, Any]]:
+    """Training clips as numpy batches of `batch_size` rows, streamed file by file: the plain
+    equivalent of read_parquet(columns) -> filter(not validation) -> iter_batches(numpy)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    scanner = pads.dataset(str(clips), format="parquet").scanner(
+        columns=columns, filter=~pc.field("video_id").isin(held_out))
+    buf: list = []
+    rows = 0
+    for rb in scanner.to_batches():
+        if rb.num_rows == 0:
+            continue
+        buf.append(rb)
+        rows += rb.num_rows
+        while rows >= batch_size:
+            table = pa.Table.from_batches(buf)
+            yield to_numpy_batch(table.slice(0, batch_size))
+            rest = table.slice(batch_size)
+            buf, rows = rest.to_batches(), rest.num_rows
+    if rows and not drop_last:
+        yield to_numpy_batch(pa.Table.from_batches(buf))
+
+
+def task_for(name: str, clips: Path, columns: list[str], held_out):
+    """TASKS[name]; captioning gets the vocabulary of the training captions, as in train.run."""
+    from jobs.tasks import TASKS, CaptioningTask, clip_captions
+    from models.captioning import build_vocab
+    if name != "captioning":
+        return TASKS[name]
+    caps = [c for b in numpy_batches(clips, columns, held_out, 1024, drop_last=False) for c in clip_captions(b)]
+    return CaptioningTask(build_vocab(caps))
+
+
+def check_same_batch(clips: Path, task, columns: list[str], held_out, batch_size: int) -> str:
+    """The first batch Ray Data gives `collate_fn` in `iter_torch_batches` (as jobs.train does)
+    against this script's conversion of the same rows: same keys, dtypes, element types and
+    values, and `task.collate` outputs equal. Raises AssertionError otherwise."""
+    import warnings
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    import ray.data
+    import torch
+
+    seen: list[dict] = []
+
+    def capture(batch):
+        seen.append(batch)
+        return task.collate({k: v for k, v in batch.items() if k != "clip_id"})
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # read_parquet(columns=) and a function as collate_fn are
+        # deprecated, but they are what jobs.train uses
+        ds = ray.data.read_parquet(str(clips), columns=columns + ["clip_id"])
+        ds = ds.map_batches(lambda t: t.filter(pc.invert(pc.is_in(t.column("video_id"), value_set=held_out))),
+                            batch_format="pyarrow", batch_size=None)
+        ray_out = next(iter(ds.iter_torch_batches(batch_size=batch_size, collate_fn=capture, drop_last=True)))
+    ray_in = seen[0]
+    ids = [str(c) for c in ray_in.pop("clip_id")]
+    table = pads.dataset(str(clips), format="parquet").to_table(
+        columns=columns + ["clip_id"], filter=pc.field("clip_id").isin(pa.array(ids)))
+    order = {c: i for i, c in enumerate(table.column("clip_id").to_pylist())}
+    mine = to_numpy_batch(table.take([order[c] for c in ids]).drop_columns(["clip_id"]))
+    assert list(mine) == list(ray_in), (list(mine), list(ray_in))
+    for k, v in ray_in.items():
+        m = mine[k]
+        assert type(m) is type(v) and m.dtype == v.dtype and m.shape == v.shape, (k, m.dtype, v.dtype)
+        for a, b in zip(m, v):
+            assert type(a) is type(b), (k, type(a), type(b))
+            assert np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b, k
+    my_out = task.collate(mine)
+    assert list(my_out) == list(ray_out)
+    for k in ray_out:
+        assert torch.equal(my_out[k], ray_out[k]), k
+    return (f"{len(ids)} rows, columns {', '.join(f'{k}: {v.dtype}' for k, v in ray_in.items())}; "
+            f"collate outputs {', '.join(f'{k} {tuple(v.shape)}' for k, v in ray_out.items())} identical")
+
+
+def plain_train(task, mcfg, clips: Path, columns: list[str], held_out, batch_size: int, epochs: int,
+                threads: int, seed: int = 0, lr: float = 1e-3, weight_decay: float = 1e-4) -> list[dict]:
+    """(a) jobs.train.train_epoch, the step code of every Ray Train worker, without Ray: one dict
+    per epoch with the fields the worker writes to metrics.jsonl (samples_per_s, data_wait_fraction, ...)."""
+    import torch
+
+    from jobs.train import train_epoch
+    from models.checkpoint import build_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    device = torch.device("cpu")
+    model = build_model(task.model, mcfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def batches():
+        for b in numpy_batches(clips, columns, held_out, batch_size):
+            yield task.collate(b)
+
+    history = []
+    for epoch in range(epochs):
+        stats = train_epoch(model, opt, batches(), task, mcfg, gen, device, amp=False)
+        history.append({"epoch": epoch, **stats})
+    return history
+
+
+def ray_train(task: str, clips: Path, out: Path, preset: str, batch_size: int, epochs: int) -> tuple[list[dict], float]:
+    """(b) jobs.train.run with 1 worker, no GPU, on the running Ray: (metrics.jsonl rows, wall s)."""
+    from jobs.train import TrainConfig, run
+
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = TrainConfig(task=task, data=str(clips), out=str(out), preset=preset, epochs=epochs,
+                      batch_size=batch_size, num_workers=1, use_gpu="no")
+    t0 = time.perf_counter()
+    run(cfg)
+    wall = time.perf_counter() - t0
+    with open(out / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f], wall
+
+
+def _thread_probe(config: dict) -> None:
+    import torch
+    with open(config["path"], "w") as f:
+        json.dump({"torch_threads": torch.get_num_threads(),
+                   "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset")}, f)
+
+
+def ray_worker_threads(storage: Path) -> dict:
+    """torch.get_num_threads() and OMP_NUM_THREADS inside a Ray Train worker like avray train's
+    (TorchTrainer, 1 worker, default 1 CPU per worker); the worker writes them to a file (local Ray)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    shutil.rmtree(storage, ignore_errors=True)
+    storage.mkdir(parents=True)
+    path = storage / "threads.json"
+    TorchTrainer(_thread_probe, train_loop_config={"path": str(path)},
+                 scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False),
+                 run_config=ray.train.RunConfig(name="threads", storage_path=str(storage))).fit()
+    return json.loads(path.read_text())
+
+
+def steady(history: list[dict]) -> dict[str, float]:
+    """Pooled over epochs 2..N (all epochs if there is only one): samples/s, data-wait
+    fraction, seconds per epoch, steps per epoch."""
+    rows = history[1:] or history
+    secs = sum(r["epoch_seconds"] for r in rows)
+    samples = sum(r["samples_per_s"] * r["epoch_seconds"] for r in rows)
+    wait = sum(r["data_wait_fraction"] * r["epoch_seconds"] for r in rows)
+    return {"samples_per_s": samples / secs, "data_wait_fraction": wait / secs,
+            "epoch_seconds": secs / len(rows), "steps": statistics.mean(r["steps"] for r in rows)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default=str(ROOT / "bench-out" / "train"),
+                    help="data and runs (default: bench-out/train/)")
+    ap.add_argument("--tasks", nargs="+", default=["localization", "separation"],
+                    choices=["localization", "separation", "captioning"])
+    ap.add_argument("--preset", default="tiny", help="model preset for every task (default: tiny)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=2, help="epochs per run; the first is a warm-up (default: 2)")
+    ap.add_argument("--runs", type=int, default=3, help="runs per task; medians are reported")
+    ap.add_argument("--videos", type=int, default=480,
+                    help="synthetic scenes (default: 480, ~25 steps per epoch at batch 32: Ray Data's start "
+                         "of each epoch is a fixed cost, which a few steps would exaggerate)")
+    ap.add_argument("--seconds", type=float, default=4.0, help="seconds per scene (clips of 2 s)")
+    ap.add_argument("--size", type=int, default=96, help="scene and clip frame side in pixels")
+    ap.add_argument("--fps", type=float, default=8.0, help="clip frames per second")
+    ap.add_argument("--write", help="replace the train section of this Markdown file (BENCHMARKS.md)")
+    args = ap.parse_args()
+
+    import pyarrow.parquet as pq
+    import ray
+
+    from jobs.tasks import TASKS
+    from jobs.train import TrainConfig, model_config
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    clips = make_data(work, args.videos, args.seconds, args.size, args.fps)
+    held_out = val_ids(clips)
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        threads = ray_worker_threads(work / "probe")
+        print(f"Ray Train worker: torch threads {threads['torch_threads']}, "
+              f"OMP_NUM_THREADS={threads['omp_num_threads']}", flush=True)
+        results: dict[str, dict] = {}
+        for name in args.tasks:
+            columns = train_columns(clips, TASKS[name])
+            task = task_for(name, clips, columns, held_out)
+            check = check_same_batch(clips, task, columns, held_out, args.batch_size)
+            print(f"{name}: same batch from Ray Data and pyarrow: {check}", flush=True)
+            mcfg = model_config(TrainConfig(task=name, data=str(clips), out="-", preset=args.preset),
+                                getattr(task, "vocab", ()))
+            plain, avray, walls = [], [], {"plain": [], "avray": []}
+            for r in range(args.runs):
+                t0 = time.perf_counter()
+                plain_hist = plain_train(task, mcfg, clips, columns, held_out, args.batch_size, args.epochs,
+                                         threads["torch_threads"])
+                walls["plain"].append(time.perf_counter() - t0)
+                plain.append(steady(plain_hist))
+                hist, wall = ray_train(name, clips, work / "runs" / f"{name}-{r}", args.preset,
+                                       args.batch_size, args.epochs)
+                walls["avray"].append(wall)
+                if [h["steps"] for h in hist] != [h["steps"] for h in plain_hist]:
+                    raise RuntimeError(f"steps per epoch differ: plain {[h['steps'] for h in plain_hist]}, "
+                                       f"avray train {[h['steps'] for h in hist]}")
+                avray.append(steady(hist))
+                print(f"{name} run {r + 1}/{args.runs}: plain {plain[-1]['samples_per_s']:.1f} samples/s "
+                      f"(wait {plain[-1]['data_wait_fraction']:.1%}), avray train {avray[-1]['samples_per_s']:.1f} "
+                      f"samples/s (wait {avray[-1]['data_wait_fraction']:.1%}), run() {wall:.1f} s", flush=True)
+            med = {side: {k: statistics.median(x[k] for x in rows) for k in rows[0]}
+                   for side, rows in (("plain", plain), ("avray", avray))}
+            overheads = [1 - a["samples_per_s"] / p["samples_per_s"] for p, a in zip(plain, avray)]
+            results[name] = {**med, "overhead": statistics.median(overheads), "overheads": overheads,
+                             "wall_s": {k: statistics.median(v) for k, v in walls.items()}, "check": check}
+    finally:
+        ray.shutdown()
+
+    n_clips = pq.read_table(str(clips), columns=["video_id"]).num_rows
+    res = {"results": results, "torch_threads": threads, "runs": args.runs, "epochs": args.epochs,
+           "batch_size": args.batch_size, "preset": args.preset, "clips": n_clips,
+           "held_out_videos": len(held_out), "cpus": os.cpu_count()}
+    (work / "train.json").write_text(json.dumps(res, indent=2))
+
+    lines = [
+        f"Data: {args.videos} synthetic scenes of {args.seconds:g} s ({n_clips} clips of 2 s at {args.fps:g} fps, "
+        f"{args.size} px; {len(held_out)} videos held out for validation, as `avray train` splits them); "
+        f"preset `{args.preset}`, batch {args.batch_size}, {args.epochs} epochs of which the first is a warm-up; "
+        f"medians of {args.runs} runs; {os.cpu_count()} cores, Ray started with 2 CPUs.",
+        "",
+        "| task | steps/epoch | plain loop samples/s | avray train samples/s | overhead | data wait, plain | "
+        "data wait, avray train | wall s: plain loop / `run()` |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        p, a = r["plain"], r["avray"]
+        lines.append(f"| {name} | {a['steps']:.0f} | {p['samples_per_s']:.1f} | {a['samples_per_s']:.1f} | "
+                     f"**{r['overhead']:+.1%}** | {p['data_wait_fraction']:.1%} | {a['data_wait_fraction']:.1%} | "
+                     f"{r['wall_s']['plain']:.1f} / {r['wall_s']['avray']:.1f} |")
+    lines += [
+        "",
+        f"Overhead = 1 − (avray train samples/s) / (plain samples/s), per run, then the median; target ≤ 10 %. "
+        f"Torch threads: {threads['torch_threads']} in both (a Ray Train worker with 1 CPU gets "
+        f"OMP_NUM_THREADS={threads['omp_num_threads']} and torch.get_num_threads() = {threads['torch_threads']}, "
+        f"measured; the plain loop calls torch.set_num_threads({threads['torch_threads']})). "
+        "The plain loop reads, converts and collates in its training thread; avray train reads in Ray Data "
+        "tasks on the other CPU and collates in the worker's prefetch thread (prefetch_batches=2). "
+        "Wall s of `run()` include starting the worker, validation and a checkpoint every epoch.",
+    ]
+    md = "\n".join(lines)
+    print(md)
+    if args.write:
+        write_section(Path(args.write), "train", md)
+
+if __name__ == "__main__":
+    main()
