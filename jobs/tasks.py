@@ -1,12 +1,14 @@
 """What each training task does with a batch of clip rows (plain PyTorch; used inside Ray Train
-workers by jobs/train.py and by benchmarks). A plain dict, TASKS, maps task names to them.
+workers by jobs/train.py, by jobs/evaluate.py and by benchmarks). A plain dict, TASKS, maps
+task names to them.
 
 A task adapter has:
 - `model`: the model name in models.checkpoint.BUILDERS; `configs`: preset name -> config;
 - `columns`: the clip-table columns it reads (others are never loaded);
 - `collate(batch)`: numpy batch of clip rows (as Ray Data gives it) -> dict of tensors;
 - `step(model, batch, cfg, gen)`: forward + loss dict {"loss": scalar, ...};
-- `evaluate(model, batches, cfg)`: validation metrics over an iterable of collated batches.
+- `evaluate(model, batches, cfg)`: validation metrics over an iterable of collated batches;
+- `figure(model, batch, cfg, path, n)`: a PNG of n examples from one collated batch.
 
 Synthetic scenes carry their ground truth per clip row (`ground_truth` column, from
 `avray synth`'s manifest); boxes are mapped onto the stored frames with the decoder's resize
