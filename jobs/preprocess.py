@@ -75,7 +75,7 @@ def run(cfg: PreprocessConfig) -> int:
     import pyarrow as pa
     import ray
 
-    from pipelines.clipstore import CLIPS, ERRORS, ClipStore
+    from pipelines.clipstore import ERRORS, ClipStore
     from pipelines.ingest import ingest_dataset
     from pipelines.schema import clip_schema
     from pipelines.sources import carried_schema, list_sources
@@ -106,7 +106,7 @@ def run(cfg: PreprocessConfig) -> int:
         for p in store.list_parts(ERRORS).values():
             fs.delete_file(p)
 
-    done = set(store.list_parts(CLIPS)) | set(store.list_parts(ERRORS))
+    done = store.done()
     ids = sources.column("video_id").to_pylist()
     pending = sources.filter(pa.array([v not in done for v in ids]))
     log.info("%d input file(s): %d already done, %d to process", len(ids), len(ids) - pending.num_rows,
@@ -155,12 +155,11 @@ def record_lost_files(pending, rows: list[dict[str, Any]], store) -> list[dict[s
     """Error rows (written to OUT/errors and returned as summary rows) for pending files with
     neither a summary row nor a part: their task died (worker crash) or failed outside the
     per-file error handling. A task that committed its part before dying keeps it."""
-    from pipelines.clipstore import CLIPS, ERRORS
     from pipelines.ingest import SUMMARY_SCHEMA
     from pipelines.schema import ERROR_SCHEMA, error_row
 
     seen = {r["video_id"] for r in rows}
-    have = set(store.list_parts(CLIPS)) | set(store.list_parts(ERRORS))
+    have = store.done()
     lost = []
     for src in pending.select(["path", "video_id"]).to_pylist():
         if src["video_id"] not in seen and src["video_id"] not in have:

@@ -59,6 +59,16 @@ class ClipStore:
                 if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
                 and not i.base_name.startswith((".", "_"))}
 
+    def done(self) -> set[str]:
+        """video_ids with a finished part of either kind (one listing per kind)."""
+        return set(self.list_parts(CLIPS)) | set(self.list_parts(ERRORS))
+
+    def is_done(self, vid: str) -> bool:
+        """Whether `vid` has a finished part, by looking up its two part paths (no listing)."""
+        fs, _ = self.fs_root
+        infos = fs.get_file_info([self.part_path(kind, vid) for kind in (CLIPS, ERRORS)])
+        return any(i.type == pafs.FileType.File for i in infos)
+
     def remove_temporaries(self) -> int:
         """Delete `.tmp-` files left by interrupted runs; return how many."""
         fs, _ = self.fs_root

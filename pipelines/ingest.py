@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipelines.clipstore import CLIPS, ERRORS, ClipStore
+from pipelines.clipstore import CLIPS, ClipStore
 from pipelines.decode import Clip, DecodeConfig, MediaInfo, MediaReader
 from pipelines.schema import ERROR_SCHEMA, encode_tensor, error_row
 from pipelines.spectrogram import SpectrogramConfig, log_mel
@@ -80,7 +80,7 @@ def ingest_file(source: dict[str, Any], store: ClipStore, cfg: IngestConfig, sch
     carried = {k: v for k, v in source.items() if k not in ("path", "video_id")}
     summary = {"video_id": vid, "path": path, "status": "ok", "clips": 0, "media_seconds": 0.0,
                "frames_decoded": 0, "seconds": 0.0, "stage": None, "error_type": None, "message": None}
-    if vid in store.list_parts(CLIPS) or vid in store.list_parts(ERRORS):  # a retried task
+    if store.is_done(vid):  # a retried task already finished this file
         return {**summary, "status": "skipped"}
     t0 = time.perf_counter()
     stage = "open"

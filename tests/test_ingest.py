@@ -140,6 +140,7 @@ def test_interrupted_run_leaves_nothing_counted_as_done(ray_local, corpus, tmp_p
     w.writer.write_table(pq.read_table(out / "clips").slice(0, 1))
     w.writer.close()
     assert sorted(store.list_parts(CLIPS)) == [video_id(scene)]  # the tmp part is not "done"
+    assert store.done() == {video_id(scene)} and store.is_done(video_id(scene)) and not store.is_done(video_id(other))
     assert pq.read_table(out / "clips").num_rows == 3          # and readers skip it
     assert run(PreprocessConfig(inputs=(scene, other), out=str(out), **OPTS)) == 0
     assert sorted(p.name for p in (out / "clips").iterdir()) == sorted(
