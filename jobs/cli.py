@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "preprocess": "jobs.preprocess",
     "train": "jobs.train",
     "evaluate": "jobs.evaluate",
+    "serve": "jobs.serve",
 }
 
 

@@ -175,6 +175,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                       flush=True)
                 save_checkpoint(os.path.join(d, "model.pt"), task.model, core, mcfg,
                                 extra={"epoch": epoch, "optimizer": opt.state_dict(),
+                                       "clip_settings": config["clip_settings"],
                                        "metrics": {k: float(v) for k, v in metrics.items()}})
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -238,11 +239,18 @@ def run(cfg: TrainConfig) -> int:
             task = CaptioningTask(vocab)
             log.info("vocabulary: %d words from %d training captions", len(vocab), len(caps))
         mcfg = model_config(cfg, vocab)
+        # How the clips were made (OUT/_config.json of avray preprocess), kept in every checkpoint
+        # so that avray serve decodes uploads the same way.
+        settings_path = os.path.join(os.path.dirname(os.path.abspath(cfg.data)), "_config.json")
+        clip_settings: dict[str, Any] = {}
+        if os.path.isfile(settings_path):
+            with open(settings_path) as f:
+                clip_settings = {k: v for k, v in json.load(f).items() if k != "carried_columns"}
         use_gpu = {"yes": True, "no": False}.get(cfg.use_gpu, ray.cluster_resources().get("GPU", 0) > 0)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"task": task, "model_config": mcfg, "epochs": cfg.epochs, "seed": cfg.seed,
-                               "run_dir": run_dir,
+                               "run_dir": run_dir, "clip_settings": clip_settings,
                                "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
             run_config=ray.train.RunConfig(

@@ -14,6 +14,8 @@ audio before the oldest open clip is dropped.
 
 Only local files are opened, and FFmpeg's protocol whitelist is pinned to `file` (plus the
 schemes a caller allows explicitly), so a crafted playlist cannot make FFmpeg fetch URLs.
+In-memory media (a file object, e.g. an HTTP upload) opens with no protocol at all: it cannot
+make FFmpeg open any other file or URL.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import av
 import numpy as np
@@ -36,6 +38,7 @@ _MAX_AV_LAG = 10.0
 # Decoded frames whose timestamps are sorted before use (see MediaReader.clips).
 _REORDER_WINDOW = 4
 _PROTOCOLS = {"http": "http,tcp", "https": "https,tls,tcp", "rtmp": "rtmp,tcp"}
+_NO_PROTOCOL = "none"  # whitelist naming no protocol: media read from a file object opens nothing else
 
 
 class MediaError(Exception):
@@ -204,20 +207,56 @@ class _ClipBuilder:
         return self.next_frame == len(self.targets)
 
 
+def _open(source: str | BinaryIO, cfg: DecodeConfig) -> av.container.InputContainer:
+    """Open a path (checked by `check_source`) or a seekable binary file object with PyAV."""
+    whitelist = check_source(source, cfg.allowed_schemes) if isinstance(source, str) else _NO_PROTOCOL
+    try:
+        return av.open(source, container_options={"protocol_whitelist": whitelist})
+    except av.error.FFmpegError as e:
+        raise UnreadableMedia(f"FFmpeg cannot open it: {e.strerror or e}") from e
+
+
+def _to_rgb(frame: av.VideoFrame, plan: tuple[int, int, int, int], rotation: int, cfg: DecodeConfig) -> np.ndarray:
+    """Reformat (in FFmpeg) + rotate + crop/pad one frame by its `_resize_plan`: uint8 (size, size, 3)."""
+    w, h, y0, x0 = plan
+    img = frame.reformat(width=w, height=h, format="rgb24", interpolation="BILINEAR",
+                         threads=1).to_ndarray()  # (h, w, 3)
+    if rotation:
+        img = np.rot90(img, k=-(rotation // 90))  # clockwise
+    if cfg.resize == "crop":
+        return img[y0:y0 + cfg.size, x0:x0 + cfg.size]
+    out = np.zeros((cfg.size, cfg.size, 3), dtype=np.uint8)
+    out[y0:y0 + img.shape[0], x0:x0 + img.shape[1]] = img
+    return out
+
+
+def read_image(source: str | BinaryIO, cfg: DecodeConfig) -> np.ndarray:
+    """The first picture of an image (PNG, JPEG, ...) or video, resized as clips are: uint8
+    (size, size, 3). Raises `MediaError` subclasses like `MediaReader`."""
+    container = _open(source, cfg)
+    with container:
+        v = container.streams.best("video")
+        if v is None:
+            raise NoVideoStream("no picture in it")
+        if v.codec_context.width * v.codec_context.height > cfg.max_pixels:
+            raise MediaTooLarge(f"{v.codec_context.width}x{v.codec_context.height} exceeds max_pixels {cfg.max_pixels}")
+        for frame in container.decode(v):
+            rotation = _rotation(frame)
+            return _to_rgb(frame, _resize_plan(frame.width, frame.height, rotation, cfg), rotation, cfg)
+    raise TruncatedMedia("no picture could be decoded")
+
+
 class MediaReader:
-    """Streams `Clip`s out of one file. Use as a context manager; `info` is set on open.
+    """Streams `Clip`s out of one file (a path, or a seekable binary file object such as an
+    upload held in memory). Use as a context manager; `info` is set on open.
 
     Raises `MediaError` subclasses for files that cannot give clips and lets PyAV's own
     errors (`av.error.FFmpegError`) through for corrupt data.
     """
 
-    def __init__(self, path: str, cfg: DecodeConfig) -> None:
-        self.path, self.cfg = path, cfg
-        whitelist = check_source(path, cfg.allowed_schemes)
-        try:
-            self.container = av.open(path, container_options={"protocol_whitelist": whitelist})
-        except av.error.FFmpegError as e:
-            raise UnreadableMedia(f"FFmpeg cannot open it: {e.strerror or e}") from e
+    def __init__(self, source: str | BinaryIO, cfg: DecodeConfig) -> None:
+        self.path, self.cfg = source if isinstance(source, str) else "<memory>", cfg
+        self.container = _open(source, cfg)
         try:
             self.info = self._probe()
         except BaseException:
@@ -277,19 +316,6 @@ class MediaReader:
         plan = (0, 0, 0, 0)
         rotation = 0
 
-        def rgb(frame: av.VideoFrame) -> np.ndarray:
-            """Reformat + rotate + crop/pad one frame: uint8 (size, size, 3)."""
-            w, h, y0, x0 = plan
-            img = frame.reformat(width=w, height=h, format="rgb24", interpolation="BILINEAR",
-                                 threads=1).to_ndarray()  # (h, w, 3)
-            if rotation:
-                img = np.rot90(img, k=-(rotation // 90))  # clockwise
-            if cfg.resize == "crop":
-                return img[y0:y0 + cfg.size, x0:x0 + cfg.size]
-            out = np.zeros((cfg.size, cfg.size, 3), dtype=np.uint8)
-            out[y0:y0 + img.shape[0], x0:x0 + img.shape[1]] = img
-            return out
-
         def open_until(t: float) -> None:
             """Open every clip that starts before media time t."""
             nonlocal next_index
@@ -307,7 +333,7 @@ class MediaReader:
             for b in open_clips:
                 while not b.video_done and b.targets[b.next_frame] < until:
                     if prev_rgb is None:
-                        prev_rgb = rgb(prev_frame)
+                        prev_rgb = _to_rgb(prev_frame, plan, rotation, cfg)
                     b.frames[b.next_frame] = prev_rgb
                     b.next_frame += 1
 

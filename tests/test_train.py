@@ -67,6 +67,9 @@ def test_train_localization_checkpoints_and_resume(clips, tmp_path):
     assert {"val_ciou50_own_audio", "val_auc_own_audio", "val_ciou50_silent_audio"} <= set(rows[-1])
     model, ckpt = load_checkpoint(out / "model.pt")
     assert ckpt["model"] == "localization" and ckpt["extra"]["epoch"] == 1
+    # how the clips were made travels with the model (avray serve decodes uploads the same way)
+    assert {k: ckpt["extra"]["clip_settings"][k] for k in ("clip_seconds", "fps", "size", "sample_rate", "n_mels")} == {
+        "clip_seconds": 1.0, "fps": 4.0, "size": 64, "sample_rate": 16000, "n_mels": 64}
     with pytest.raises(FileExistsError, match="already holds a run; pass --resume"):
         run(cfg)
     assert run(TrainConfig(**{**cfg.__dict__, "epochs": 3, "resume": True})) == 0

@@ -1,0 +1,170 @@
+"""Serve localization, separation and captioning over HTTP on Ray Serve (blocks; Ctrl-C stops).
+
+Routes (FastAPI; OpenAPI at /docs): POST /v1/localize (video -> heatmap per sampled frame and
+its peak; ?overlay=png for an animated PNG), POST /v1/separate (video + optional speaker boxes
+-> one WAV per speaker: a zip, or ?format=json with base64 WAVs), POST /v1/caption (video or
+image -> caption; ?beam_size=N), GET /healthz, GET /v1/models. Each route is served only when
+its checkpoint (from avray train) is given. A decode deployment (CPU, the ingest decoder) feeds
+one deployment per model (GPU when the cluster has one) with @serve.batch on model calls.
+Deployment settings (replicas, autoscaling, max_ongoing_requests / max_queued_requests) come
+from the Serve config file, jobs/serve_config.yaml by default; options given here override its
+application args. The same app runs on a cluster with `serve run jobs/serve_config.yaml` or
+`serve deploy`. Binds 127.0.0.1 unless --host says otherwise; with --token (or AVRAY_TOKEN)
+every /v1 route needs `Authorization: Bearer <token>`.
+
+example:
+  avray serve --localization runs/loc/model.pt --captioning runs/cap/model.pt --port 8000
+  curl -F file=@demo/media/scene_00000.mp4 http://127.0.0.1:8000/v1/localize
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_config.yaml")
+TASKS = ("localization", "separation", "captioning")
+
+
+@dataclass(frozen=True)
+class AppArgs:
+    """The application's arguments: `args:` of the Serve config file, or avray serve's options."""
+
+    localization: str | None = None  # checkpoint paths; a route exists only when its model is given
+    separation: str | None = None
+    captioning: str | None = None
+    max_upload_mb: float = 50.0      # larger uploads: 413
+    max_seconds: float = 60.0        # longer media: 413
+    max_pixels: int = 1920 * 1080    # larger frames: 413
+    token: str | None = None         # bearer token for /v1 routes (None: open)
+    batching: bool = True            # @serve.batch on model calls (False: one request per call)
+    max_batch_size: int = 16         # requests per model call when batching
+    batch_wait_ms: float = 5.0       # how long a batch waits to fill
+    use_gpu: str = "auto"            # auto: model deployments take a GPU share when the cluster has GPUs
+
+    def __post_init__(self) -> None:
+        if not any(getattr(self, t) for t in TASKS):
+            raise ValueError("give at least one checkpoint: --localization, --separation or --captioning")
+        for t in TASKS:
+            path = getattr(self, t)
+            if path and not os.path.isfile(path):
+                raise FileNotFoundError(f"{t} checkpoint not found: {path}")
+        if self.max_upload_mb <= 0 or self.max_seconds <= 0 or self.max_pixels <= 0:
+            raise ValueError("max_upload_mb, max_seconds and max_pixels must be > 0")
+        if self.max_batch_size < 1 or self.batch_wait_ms < 0:
+            raise ValueError("max_batch_size must be >= 1 and batch_wait_ms >= 0")
+        if self.use_gpu not in ("auto", "yes", "no"):
+            raise ValueError(f"use_gpu must be auto, yes or no, got {self.use_gpu!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AppArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown serve args {unknown}; known: {sorted(names)}")
+        d = dict(d)
+        if not d.get("token"):
+            d["token"] = os.environ.get("AVRAY_TOKEN") or None
+        for t in TASKS:  # relative checkpoint paths are relative to where serve was started
+            if d.get(t):
+                d[t] = os.path.abspath(d[t])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    localization: str | None = field(default=None, metadata={"help": "localization checkpoint (avray train's model.pt)"})
+    separation: str | None = field(default=None, metadata={"help": "separation checkpoint"})
+    captioning: str | None = field(default=None, metadata={"help": "captioning checkpoint"})
+    config: str = field(default=DEFAULT_CONFIG, metadata={"help": "Serve config file: deployment settings and default args"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0 exposes the service)"})
+    port: int = field(default=8000, metadata={"help": "HTTP port"})
+    token: str | None = field(default=None, metadata={"help": "bearer token required on /v1 routes (default: AVRAY_TOKEN)"})
+    max_upload_mb: float | None = field(default=None, metadata={"help": "upload size limit (default: the config's)"})
+    max_seconds: float | None = field(default=None, metadata={"help": "media duration limit (default: the config's)"})
+    request_timeout_s: float | None = field(default=None, metadata={"help": "end-to-end timeout -> 408 (default: the config's)"})
+    batching: bool | None = field(default=None, metadata={"help": "@serve.batch on model calls (default: the config's)"})
+    address: str | None = field(default=None, metadata={"help": "Ray address (default: RAY_ADDRESS, else a local Ray)"})
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """The Serve config file, validated by Ray's own schema (ServeDeploySchema); one application."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no Serve config at {path}")
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    ServeDeploySchema.model_validate(raw)
+    apps = raw.get("applications") or []
+    if len(apps) != 1:
+        raise ValueError(f"{path} must hold exactly one application, found {len(apps)}")
+    return raw
+
+
+def build_app(args: dict[str, Any], deployments: list[dict[str, Any]] | None = None):
+    """Serve application builder (`import_path: jobs.serve:build_app`): `args` as AppArgs fields;
+    `deployments`: per-deployment option overrides as in a Serve config (`name` + options), which
+    `serve run/deploy` applies itself and avray serve passes here."""
+    from jobs.serve_app import build
+
+    return build(AppArgs.from_dict(args), deployments or [])
+
+
+def run(cfg: ServeConfig) -> int:
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    raw = read_config(cfg.config)
+    app_cfg = raw["applications"][0]
+    args = dict(app_cfg.get("args") or {})
+    if any(getattr(cfg, t) for t in TASKS):  # checkpoints on the command line replace the file's
+        args.update({t: getattr(cfg, t) for t in TASKS})
+    overrides = {k: getattr(cfg, k) for k in ("token", "max_upload_mb", "max_seconds", "batching")}
+    args.update({k: v for k, v in overrides.items() if v is not None})
+    if not any(args.get(t) for t in TASKS):
+        raise ValueError("give at least one checkpoint: --localization, --separation or --captioning "
+                         "(make demo trains tiny ones under demo/runs)")
+    app = build_app(args, app_cfg.get("deployments"))  # bad args fail here, before Ray starts
+    http = dict(raw.get("http_options") or {})
+    http.update(host=cfg.host, port=cfg.port)
+    if cfg.request_timeout_s is not None:
+        http["request_timeout_s"] = cfg.request_timeout_s
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=cfg.address or os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        started = True
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        serve.start(http_options=http)
+        serve.run(app, name=app_cfg.get("name", "avray"), route_prefix=app_cfg.get("route_prefix", "/"))
+        routes = [f"/v1/{r}" for r, t in (("localize", "localization"), ("separate", "separation"),
+                                          ("caption", "captioning")) if args.get(t)]
+        print(f"avray serve: http://{cfg.host}:{cfg.port}  routes: {', '.join(routes)}, /healthz, /v1/models, /docs"
+              + ("  (bearer token required)" if args.get("token") or os.environ.get("AVRAY_TOKEN") else ""), flush=True)
+        print("  Ctrl-C stops", flush=True)
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        print("avray serve: shutting down", flush=True)
+        serve.shutdown()
+        if started:
+            ray.shutdown()
+    return 0
+
+
+CONFIG = ServeConfig

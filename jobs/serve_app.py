@@ -1,0 +1,531 @@
+"""The Ray Serve application behind `avray serve` (built by `jobs.serve.build_app`).
+
+    HTTP ─▶ Ingress (FastAPI: limits, auth, formats) ─▶ Decoder (CPU: pipelines.decode, log-mel)
+                                                     └▶ ModelServer × task (GPU when present; @serve.batch)
+
+The plain pieces, also called directly by benchmarks/serve.py as the no-Serve baseline:
+- `ClipSpec` / `clip_spec(ckpt)`: how a model's training clips were made (stored by avray train
+  in the checkpoint's `extra["clip_settings"]`), so uploads are decoded the same way;
+- `decode_upload(data, spec, ...)`: upload bytes -> clip arrays, or `RequestError`;
+- `Runner`: a model loaded from its checkpoint with `infer(items) -> results`, where `items`
+  come from several requests and go through the model as one batch.
+
+Expected failures (bad media, limits) travel between deployments as `RequestError`s that the
+ingress turns into 4xx JSON: `{"detail": "what was wrong"}`.
+"""
+
+
+import abc
+import asyncio
+import base64
+import dataclasses
+import hmac
+import io
+import json
+import logging
+import os
+import wave
+import zipfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from jobs.serve import AppArgs
+from models.checkpoint import load_checkpoint
+from pipelines.decode import (DecodeConfig, MediaError, MediaReader, MediaTooLarge, MediaTooLong, TooShort,
+                              _resize_plan, read_image)
+from pipelines.spectrogram import SpectrogramConfig, log_mel
+
+log = logging.getLogger(__name__)
+
+ROUTE_TASK = {"localize": "localization", "separate": "separation", "caption": "captioning"}
+FACE_SIZE = 48  # the separation visual stream's input side (jobs.tasks.SeparationTask.face_size)
+MAX_BEAM = 10
+
+
+class RequestError(Exception):
+    """A client error: HTTP `status` and a message saying what was wrong."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding uploads: the ingest decoder on bytes held in memory
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """How to decode an upload for one model: the decoder and log-mel settings of its training clips."""
+
+    decode: DecodeConfig
+    spectrogram: SpectrogramConfig
+
+
+def clip_spec(ckpt: dict[str, Any], args: AppArgs, resize: str = "crop") -> ClipSpec:
+    """The ClipSpec of a checkpoint: its `extra["clip_settings"]` (avray preprocess's
+    `_config.json`, stored by avray train), else the defaults of avray preprocess with the
+    model's `image_size`; limits from `args`."""
+    s = ckpt["extra"].get("clip_settings") or {}
+    size = int(s.get("size") or ckpt["config"].get("image_size") or DecodeConfig.size)
+    dec = DecodeConfig(clip_seconds=float(s.get("clip_seconds", DecodeConfig.clip_seconds)),
+                       fps=float(s.get("fps", DecodeConfig.fps)), size=size, resize=resize,
+                       sample_rate=int(s.get("sample_rate", DecodeConfig.sample_rate)),
+                       max_pixels=args.max_pixels, max_seconds=args.max_seconds)
+    spec_fields = {f.name for f in dataclasses.fields(SpectrogramConfig)}
+    spec = SpectrogramConfig(**{k: v for k, v in s.items() if k in spec_fields})
+    return ClipSpec(dec, spec)
+
+
+def decode_upload(data: bytes, spec: ClipSpec, *, need_audio: bool, image_ok: bool = False) -> dict[str, Any]:
+    """Upload bytes -> clips as the model's training data had them.
+
+    Returns frames uint8 (C, T, H, W, 3), audio float32 (C, S), logmel float32 (C, M, N) or None
+    (no audio stream, or a still image), starts (C,) seconds, image (bool) and info (source
+    width/height as displayed, rotation). A still image (when `image_ok`) is one clip whose T
+    frames all show it. Raises RequestError (413: over a limit; 422: not usable media).
+    """
+    if not data:
+        raise RequestError(400, "empty upload")
+    try:
+        try:
+            with MediaReader(io.BytesIO(data), spec.decode) as reader:
+                clips = list(reader.clips())
+                info = reader.info
+        except TooShort:
+            if not image_ok:
+                raise
+            img = read_image(io.BytesIO(data), spec.decode)  # (H, W, 3)
+            frames = np.repeat(img[None, None], spec.decode.frames_per_clip, axis=1)  # (1, T, H, W, 3)
+            return {"frames": frames, "audio": None, "logmel": None, "starts": [0.0], "image": True,
+                    "info": {"width": None, "height": None, "rotation": 0, "has_audio": False}}
+    except (MediaTooLarge, MediaTooLong) as e:
+        raise RequestError(413, str(e)) from e
+    except MediaError as e:
+        raise RequestError(422, f"{type(e).__name__}: {e}") from e
+    except Exception as e:  # PyAV/FFmpeg errors on corrupt data
+        raise RequestError(422, f"corrupt or unsupported media: {e}") from e
+    if need_audio and not info.has_audio:
+        raise RequestError(422, "the video has no audio stream, and this route needs its sound")
+    audio = np.stack([c.audio for c in clips])  # (C, S)
+    mel = log_mel(torch.from_numpy(audio), spec.spectrogram).numpy() if info.has_audio else None  # (C, M, N)
+    return {"frames": np.stack([c.frames for c in clips]), "audio": audio, "logmel": mel,
+            "starts": [c.start_s for c in clips], "image": False,
+            "info": {"width": info.src_width, "height": info.src_height, "rotation": info.rotation,
+                     "has_audio": info.has_audio}}
+
+
+def _letterbox_plan(width: int, height: int, size: int) -> tuple[float, int, int]:
+    """(scale, x0, y0): source pixel (x, y) lands at (x * scale + x0, y * scale + y0) in a letterboxed frame."""
+    sw, sh, y0, x0 = _resize_plan(width, height, 0, DecodeConfig(size=size, resize="letterbox"))
+    return sw / width, x0, y0
+
+
+def parse_boxes(text: str | None, k: int, width: int, height: int) -> list[list[float]]:
+    """Speaker boxes [[x0, y0, x1, y1], ...] in source pixels (JSON), exactly k of them, inside
+    the frame with x0 < x1 and y0 < y1; None: k equal vertical strips. Raises RequestError(422)."""
+    if text is None or not text.strip():
+        return [[width * i / k, 0.0, width * (i + 1) / k, float(height)] for i in range(k)]
+    try:
+        boxes = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestError(422, f"boxes is not JSON ({e.msg}); send e.g. [[0, 0, 320, 480], [320, 0, 640, 480]]") from e
+    if (not isinstance(boxes, list) or not all(isinstance(b, list) and len(b) == 4 for b in boxes)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for b in boxes for v in b)):
+        raise RequestError(422, "boxes must be a JSON list of [x0, y0, x1, y1] number lists")
+    if len(boxes) != k:
+        raise RequestError(422, f"the separation model separates {k} speakers; got {len(boxes)} boxes")
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise RequestError(422, f"box {i} {[x0, y0, x1, y1]} is empty or outside the {width}x{height} frame")
+    return [[float(v) for v in b] for b in boxes]
+
+
+def speaker_faces(frames: np.ndarray, boxes: list[list[float]], width: int, height: int) -> np.ndarray:
+    """Crop each box (source pixels) from letterboxed frames uint8 (C, T, H, W, 3) and resize it
+    to FACE_SIZE as training does (area interpolation). Returns uint8 (C, K, T, 3, s, s)."""
+    C, T, H, W, _ = frames.shape
+    scale, ox, oy = _letterbox_plan(width, height, H)
+    x = torch.from_numpy(frames).permute(0, 1, 4, 2, 3).flatten(0, 1).float()  # (C·T, 3, H, W)
+    crops = []
+    for x0, y0, x1, y1 in boxes:
+        c0, r0 = int(x0 * scale + ox), int(y0 * scale + oy)
+        c1, r1 = max(c0 + 1, int(np.ceil(x1 * scale + ox))), max(r0 + 1, int(np.ceil(y1 * scale + oy)))
+        crop = F.interpolate(x[:, :, r0:r1, c0:c1], size=(FACE_SIZE, FACE_SIZE), mode="area")  # (C·T, 3, s, s)
+        crops.append(crop.round().clamp(0, 255).to(torch.uint8).reshape(C, T, 3, FACE_SIZE, FACE_SIZE))
+    return torch.stack(crops, dim=1).numpy()  # (C, K, T, 3, s, s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: one Runner per task; infer() takes the items of several requests as one batch
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Runner(abc.ABC):
+    """A checkpoint loaded for inference. `infer(items)` -> one result per item."""
+
+    task = ""
+
+    def __init__(self, path: str, device: torch.device | None = None) -> None:
+        self.path, self.device = path, device or _device()
+        self.model, self.ckpt = load_checkpoint(path, map_location=self.device)
+        if self.ckpt["model"] != self.task:
+            raise ValueError(f"{path} holds a {self.ckpt['model']} model, not {self.task}")
+        self.cfg = self.model.cfg
+
+    def describe(self) -> dict[str, Any]:
+        extra = self.ckpt["extra"]
+        return {"task": self.task, "checkpoint": self.path, "device": str(self.device),
+                "trained_epochs": int(extra.get("epoch", -1)) + 1, "clip_settings": extra.get("clip_settings") or {},
+                "config": self.ckpt["config"],
+                "parameters": sum(p.numel() for p in self.model.parameters())}
+
+    def _float(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, torch.float32)
+
+    @abc.abstractmethod
+    def infer(self, items: list[dict[str, Any]]) -> list[Any]:
+        """One result per item; the items' tensors go through the model as one batch."""
+
+
+class LocalizeRunner(Runner):
+    """Item: frames uint8 (C, T, H, W, 3), logmel (C, M, N). Result: grid float32 (C·T, h, w) of
+    min-max normalised audio-visual similarity per frame, and peak (C·T, 2) as (x, y) in frame
+    pixels of the heatmap at frame resolution."""
+
+    task = "localization"
+
+    @torch.no_grad()
+    def infer(self, items):
+        from models.localization import heatmap
+
+        counts = [it["frames"].shape[0] * it["frames"].shape[1] for it in items]
+        frames = torch.cat([self._float(it["frames"]).flatten(0, 1) for it in items]).permute(0, 3, 1, 2) / 255.0  # (n, 3, H, W)
+        mel = torch.cat([self._float(it["logmel"]).repeat_interleave(it["frames"].shape[1], dim=0)
+                         for it in items])  # (n, M, N): each frame with its clip's sound
+        out = self.model(frames, mel)
+        sim = out["sim"]  # (n, h, w)
+        lo, hi = sim.amin(dim=(1, 2), keepdim=True), sim.amax(dim=(1, 2), keepdim=True)
+        grid = (sim - lo) / (hi - lo).clamp_min(1e-12)  # (n, h, w)
+        full = heatmap(out, frames.shape[-2:])  # (n, H, W)
+        W = full.shape[-1]
+        flat = full.flatten(1).argmax(dim=1)  # (n,)
+        peak = torch.stack([flat % W, flat // W], dim=1)  # (n, 2): x, y
+        return [{"grid": g.cpu().numpy(), "peak": p.cpu().numpy()}
+                for g, p in zip(grid.split(counts), peak.split(counts))]
+
+
+class SeparateRunner(Runner):
+    """Item: audio float32 (C, S), faces uint8 (C, K, T, 3, s, s). Result: float32 (K, C·S), each
+    speaker's track over the clips in order."""
+
+    task = "separation"
+
+    @torch.no_grad()
+    def infer(self, items):
+        counts = [it["audio"].shape[0] for it in items]
+        mixture = torch.cat([self._float(it["audio"]) for it in items])  # (n, S)
+        faces = None
+        if not self.cfg.audio_only:
+            faces = torch.cat([self._float(it["faces"]) for it in items]) / 255.0  # (n, K, T, 3, s, s)
+        waves = self.model(mixture, faces)["waveforms"]  # (n, K, S)
+        return [w.permute(1, 0, 2).flatten(1).cpu().numpy() for w in waves.split(counts)]  # (K, C·S)
+
+
+class CaptionRunner(Runner):
+    """Item: frames uint8 (C, T, H, W, 3), logmel (C, M, N) or None, beam_size. Result: one
+    caption per clip. Items with the same beam size and audio presence run as one batch."""
+
+    task = "captioning"
+
+    @torch.no_grad()
+    def infer(self, items):
+        from models.captioning import decode
+
+        results: list[list[str] | None] = [None] * len(items)
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault((int(it["beam_size"]), it["logmel"] is None), []).append(i)
+        for (beam, silent), idx in groups.items():
+            counts = [items[i]["frames"].shape[0] for i in idx]
+            frames = torch.cat([self._float(items[i]["frames"]) for i in idx]).permute(0, 1, 4, 2, 3) / 255.0  # (n, T, 3, H, W)
+            mel = None if silent else torch.cat([self._float(items[i]["logmel"]) for i in idx])  # (n, M, N)
+            ids = self.model.greedy(frames, mel) if beam == 1 else self.model.beam_search(frames, mel, beam)
+            caps = [decode(t, self.cfg.vocab) for t in ids]
+            start = 0
+            for i, n in zip(idx, counts):
+                results[i], start = caps[start:start + n], start + n
+        return results
+
+
+RUNNERS: dict[str, type[Runner]] = {"localization": LocalizeRunner, "separation": SeparateRunner,
+                                    "captioning": CaptionRunner}
+
+
+# ---------------------------------------------------------------------------------------------
+# Response formats
+
+
+def wav_bytes(x: np.ndarray, sample_rate: int) -> bytes:
+    """float32 (S,) in [-1, 1] -> 16-bit PCM mono WAV bytes (peaks above 1 are clipped)."""
+    pcm = (np.clip(x, -1.0, 1.0) * 32767.0).round().astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()
+
+
+def overlay_png(frames: np.ndarray, grids: np.ndarray, fps: float) -> bytes:
+    """Heatmaps over frames as an animated PNG (one PNG when there is one frame).
+    frames uint8 (n, H, W, 3); grids float (n, h, w) in [0, 1]."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    H, W = frames.shape[1:3]
+    up = F.interpolate(torch.from_numpy(grids).float()[:, None], size=(H, W), mode="bilinear",
+                       align_corners=False)[:, 0].clamp(0, 1).numpy()  # (n, H, W)
+    colour = colormaps["jet"](up)[..., :3] * 255.0  # (n, H, W, 3)
+    mixed = (0.55 * frames + 0.45 * colour).round().clip(0, 255).astype(np.uint8)
+    images = [Image.fromarray(m) for m in mixed]
+    buf = io.BytesIO()
+    images[0].save(buf, format="PNG", save_all=len(images) > 1, append_images=images[1:],
+                   duration=int(round(1000 / fps)), loop=0)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Deployments (ray.serve imported here only: the plain pieces above work without Ray)
+
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile  # noqa: E402
+from fastapi.responses import JSONResponse, Response  # noqa: E402
+from ray import serve  # noqa: E402
+from ray.serve.exceptions import BackPressureError  # noqa: E402
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class Decoder:
+    """CPU decode of uploads for every served model, with each model's training clip settings."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        self.args = AppArgs.from_dict(args)
+        self.specs: dict[str, ClipSpec] = {}
+        self.speakers = 0
+        for task in ROUTE_TASK.values():
+            path = getattr(self.args, task)
+            if path:
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+                # separation crops speaker boxes from the whole picture: letterbox, never crop
+                self.specs[task] = clip_spec(ckpt, self.args, "letterbox" if task == "separation" else "crop")
+                if task == "separation":
+                    self.speakers = int(ckpt["config"]["num_speakers"])
+
+    def decode(self, task: str, data: bytes, boxes: str | None = None) -> dict[str, Any]:
+        """-> the model's input item plus what the ingress needs to format the answer, or
+        {"error": (status, message)}."""
+        try:
+            spec = self.specs[task]
+            d = decode_upload(data, spec, need_audio=task != "captioning", image_ok=task == "captioning")
+            d["fps"], d["sample_rate"] = spec.decode.fps, spec.decode.sample_rate
+            if task == "separation":
+                w, h = d["info"]["width"], d["info"]["height"]
+                d["boxes"] = parse_boxes(boxes, self.speakers, w, h)
+                d["faces"] = speaker_faces(d["frames"], d["boxes"], w, h)
+                del d["frames"]
+            if task == "localization":
+                sw, sh, y0, x0 = _resize_plan(d["info"]["width"], d["info"]["height"], 0, spec.decode)
+                d["view"] = {"scale": sw / d["info"]["width"], "x0": x0, "y0": y0}
+            return d
+        except RequestError as e:
+            return {"error": (e.status, e.message)}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class ModelServer:
+    """One model; `__call__(item)` goes through `@serve.batch` (args.batching) or alone."""
+
+    def __init__(self, task: str, args: dict[str, Any]) -> None:
+        self.args = AppArgs.from_dict(args)
+        self.runner = RUNNERS[task](getattr(self.args, task))
+        self._batched.set_max_batch_size(self.args.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.args.batch_wait_ms / 1000.0)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.runner.describe(), "batching": self.args.batching,
+                "max_batch_size": self.args.max_batch_size}
+
+    async def __call__(self, item: dict[str, Any]) -> Any:
+        if self.args.batching:
+            return await self._batched(item)
+        return self.runner.infer([item])[0]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _batched(self, items: list[dict[str, Any]]) -> list[Any]:
+        return self.runner.infer(items)
+
+
+_ALLOWED_TYPES = ("video/", "application/octet-stream", "application/mp4", "application/x-matroska")
+
+app = FastAPI(
+    title="avray",
+    version="1",
+    description="Where the sound comes from, each speaker's own voice, and what happens in a video. "
+                "Upload media as multipart form field `file`. Errors are JSON: {\"detail\": \"...\"}.",
+)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1})
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, args: dict[str, Any], decoder, localization=None, separation=None, captioning=None) -> None:
+        self.args = AppArgs.from_dict(args)
+        self.decoder = decoder
+        self.models = {t: h for t, h in (("localization", localization), ("separation", separation),
+                                         ("captioning", captioning)) if h is not None}
+        self.max_bytes = int(self.args.max_upload_mb * 1024 * 1024)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _auth(self, request: Request) -> None:
+        if not self.args.token:
+            return
+        got = request.headers.get("authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {self.args.token}".encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    def _model(self, task: str):
+        if task not in self.models:
+            raise HTTPException(404, f"no {task} model is loaded (start avray serve with --{task} CHECKPOINT)")
+        return self.models[task]
+
+    async def _read(self, request: Request, file: UploadFile, image_ok: bool = False) -> bytes:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.max_bytes + 64 * 1024:
+            raise HTTPException(413, f"upload larger than the {self.args.max_upload_mb:g} MB limit")
+        ctype = (file.content_type or "application/octet-stream").split(";")[0].strip().lower()
+        if not (ctype.startswith(_ALLOWED_TYPES) or (image_ok and ctype.startswith("image/"))):
+            kinds = "a video or an image" if image_ok else "a video"
+            raise HTTPException(415, f"unsupported content type {ctype!r}: send {kinds} "
+                                     "(video/*" + (", image/*" if image_ok else "") + " or application/octet-stream)")
+        data = await file.read(self.max_bytes + 1)
+        if len(data) > self.max_bytes:
+            raise HTTPException(413, f"upload larger than the {self.args.max_upload_mb:g} MB limit")
+        if not data:
+            raise HTTPException(400, "empty upload")
+        return data
+
+    async def _call(self, handle, *args) -> Any:
+        try:
+            out = await handle.remote(*args)
+        except BackPressureError as e:
+            raise HTTPException(503, f"overloaded, retry later ({e.message})", headers={"Retry-After": "1"}) from e
+        if isinstance(out, dict) and "error" in out:
+            status, message = out["error"]
+            raise HTTPException(status, message)
+        return out
+
+    async def _decoded(self, task: str, data: bytes, boxes: str | None = None) -> dict[str, Any]:
+        return await self._call(self.decoder.decode, task, data, boxes)
+
+    # -- routes -----------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "models": sorted(self.models)}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        infos = await asyncio.gather(*(h.describe.remote() for h in self.models.values()))
+        return {"models": dict(zip(self.models, infos)),
+                "limits": {"max_upload_mb": self.args.max_upload_mb, "max_seconds": self.args.max_seconds,
+                           "max_pixels": self.args.max_pixels}}
+
+    @app.post("/v1/localize")
+    async def localize(self, request: Request, file: UploadFile = File(..., description="video with sound"),
+                       overlay: str | None = Query(None, pattern="^png$", description="png: heatmaps over frames as an animated PNG")):
+        """Where the sound comes from: per sampled frame, a heatmap grid in [0, 1] and its peak
+        in source pixels (of the centre crop the model sees, `view`)."""
+        self._auth(request)
+        model = self._model("localization")
+        d = await self._decoded("localization", await self._read(request, file))
+        res = await self._call(model, {"frames": d["frames"], "logmel": d["logmel"]})
+        frames = d["frames"].reshape(-1, *d["frames"].shape[2:])  # (C·T, H, W, 3)
+        if overlay == "png":
+            return Response(overlay_png(frames, res["grid"], d["fps"]), media_type="image/png")
+        v, T = d["view"], d["frames"].shape[1]
+        size = frames.shape[1]
+        times = [s + j / d["fps"] for s in d["starts"] for j in range(T)]
+        return {"fps": d["fps"], "frames_sampled": len(times), "grid": list(res["grid"].shape[1:]),
+                "source": {"width": d["info"]["width"], "height": d["info"]["height"]},
+                "view": {"x0": round(v["x0"] / v["scale"], 1), "y0": round(v["y0"] / v["scale"], 1),
+                         "x1": round((v["x0"] + size) / v["scale"], 1), "y1": round((v["y0"] + size) / v["scale"], 1)},
+                "frames": [{"t": round(t, 4), "heatmap": np.round(g, 3).tolist(),
+                            "peak": {"x": round((float(p[0]) + 0.5 + v["x0"]) / v["scale"], 1),
+                                     "y": round((float(p[1]) + 0.5 + v["y0"]) / v["scale"], 1)}}
+                           for t, g, p in zip(times, res["grid"], res["peak"])]}
+
+    @app.post("/v1/separate")
+    async def separate(self, request: Request, file: UploadFile = File(..., description="video with speech"),
+                       boxes: str | None = Form(None, description="JSON [[x0, y0, x1, y1], ...] in source pixels, one per speaker; default: equal vertical strips"),
+                       format: str = Query("zip", pattern="^(zip|json)$", description="zip of WAVs, or JSON with base64 WAVs")):
+        """Each speaker's own voice: one 16-bit WAV per box, in box order."""
+        self._auth(request)
+        model = self._model("separation")
+        d = await self._decoded("separation", await self._read(request, file), boxes)
+        tracks = await self._call(model, {"audio": d["audio"], "faces": d.get("faces")})  # (K, C·S)
+        sr = d["sample_rate"]
+        wavs = [wav_bytes(t, sr) for t in tracks]
+        if format == "json":
+            return {"sample_rate": sr, "seconds": tracks.shape[1] / sr,
+                    "speakers": [{"box": b, "wav_base64": base64.b64encode(w).decode()} for b, w in zip(d["boxes"], wavs)]}
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for i, w in enumerate(wavs):
+                z.writestr(f"speaker_{i}.wav", w)
+            z.writestr("boxes.json", json.dumps({"boxes": d["boxes"], "sample_rate": sr}))
+        return Response(buf.getvalue(), media_type="application/zip",
+                        headers={"Content-Disposition": 'attachment; filename="speakers.zip"'})
+
+    @app.post("/v1/caption")
+    async def caption(self, request: Request, file: UploadFile = File(..., description="video or image"),
+                      beam_size: int = Query(1, ge=1, le=MAX_BEAM, description="1: greedy decoding")):
+        """What happens: one caption per clip (a still image is one clip, captioned without sound)."""
+        self._auth(request)
+        model = self._model("captioning")
+        d = await self._decoded("captioning", await self._read(request, file, image_ok=True))
+        caps = await self._call(model, {"frames": d["frames"], "logmel": d["logmel"], "beam_size": beam_size})
+        T = d["frames"].shape[1]
+        return {"caption": caps[0], "audio_used": d["logmel"] is not None, "beam_size": beam_size,
+                "clips": [{"start_s": s, "end_s": s + T / d["fps"], "caption": c} for s, c in zip(d["starts"], caps)]}
+
+
+def build(args: AppArgs, deployments: list[dict[str, Any]]):
+    """The bound application. GPU share for model deployments when args.use_gpu says so (auto:
+    when the connected cluster has GPUs); `deployments` entries override options by name."""
+    plain = dataclasses.asdict(args)
+    opts = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in deployments}
+    use_gpu = args.use_gpu == "yes"
+    if args.use_gpu == "auto":
+        import ray
+        use_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+    def model(task: str, name: str):
+        o = dict(opts.get(name, {}))
+        if use_gpu:
+            o.setdefault("ray_actor_options", {}).setdefault("num_gpus", 0.25)
+        return ModelServer.options(name=name, **o).bind(task, plain)
+
+    handles = {t: model(t, name) for t, name in (("localization", "Localizer"), ("separation", "Separator"),
+                                                 ("captioning", "Captioner")) if getattr(args, t)}
+    decoder = Decoder.options(**opts.get("Decoder", {})).bind(plain)
+    return Ingress.options(**opts.get("Ingress", {})).bind(plain, decoder, **handles)

@@ -1,0 +1,296 @@
+"""avray's Ray Serve app over real HTTP on the session's local Ray: every route on generated
+scenes and real media, every bad input's 4xx, auth, backpressure (503), timeout (408) and a
+crashed model replica that Serve replaces. Models are untrained tiny checkpoints: these tests
+check the service, not model quality."""
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import time
+import wave
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from tests.conftest import FIXTURES
+from tests.mediagen import write_video
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "test-token-123"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+CLIP = {"clip_seconds": 2.0, "fps": 4.0, "size": 64, "sample_rate": 16000, "n_fft": 512, "win_length": 400,
+        "hop_length": 160, "n_mels": 64, "resize": "crop", "hop_seconds": None}
+T = 8                  # frames per clip: 2 s at 4 fps
+S = 32000              # samples per clip
+MAX_SECONDS = 8.0
+MAX_UPLOAD_MB = 1.0
+
+
+def make_checkpoints(out: Path) -> dict[str, str]:
+    import torch
+
+    from models.captioning import PRESETS as CAP, build_vocab
+    from models.checkpoint import build_model, save_checkpoint
+    from models.localization import PRESETS as LOC
+    from models.separation import PRESETS as SEP
+
+    torch.manual_seed(0)
+    cfgs = {"localization": LOC["tiny"], "separation": SEP["tiny"],
+            "captioning": CAP["tiny"](build_vocab(["a red circle on the left hums", "a blue square clicks"]))}
+    paths = {}
+    for name, cfg in cfgs.items():
+        paths[name] = str(save_checkpoint(out / f"{name}.pt", name, build_model(name, cfg), cfg,
+                                          extra={"epoch": 2, "clip_settings": CLIP}))
+    return paths
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict[str, Path]:
+    from pipelines.synth import write_scene, make_scene
+
+    d = tmp_path_factory.mktemp("serve-media")
+    scene = d / "scene"
+    scene.mkdir()
+    write_scene(make_scene(7, 0, seconds=4.0, size=128), scene)
+    from PIL import Image
+    Image.fromarray(np.full((50, 70, 3), 128, np.uint8)).save(d / "still.png")
+    return {"scene": scene / "scene_00000.mp4",
+            "silent": write_video(d / "silent.mp4", seconds=4.0, width=96, height=64, audio=False),
+            "long": write_video(d / "long.mp4", seconds=10.0, width=32, height=32),
+            "still": d / "still.png",
+            "big": d / "big.bin"}
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tmp_path_factory):
+    from ray import serve
+
+    from jobs.serve import build_app
+
+    ckpts = make_checkpoints(tmp_path_factory.mktemp("serve-ckpt"))
+    port = _free_port()
+    args = {**ckpts, "token": TOKEN, "max_seconds": MAX_SECONDS, "max_upload_mb": MAX_UPLOAD_MB,
+            "max_batch_size": 4, "batch_wait_ms": 2}
+    small = {"ray_actor_options": {"num_cpus": 0.1}}
+    deployments = [{"name": "Ingress", "max_ongoing_requests": 2, "max_queued_requests": 2, **small},
+                   {"name": "Decoder", "max_ongoing_requests": 4, "max_queued_requests": 32, **small},
+                   *({"name": n, "max_ongoing_requests": 8, "max_queued_requests": 32, **small}
+                     for n in ("Localizer", "Separator", "Captioner"))]
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    try:
+        serve.run(build_app(args, deployments), name="avray-test", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+def post(server, route, path=None, *, data=None, ctype="video/mp4", headers=AUTH, form=None, params=None):
+    """POST `path`'s bytes (or `data`) as multipart field `file`, plus form fields and query params."""
+    body = Path(path).read_bytes() if path is not None else data
+    files = {"file": (Path(path).name if path else "upload.mp4", body, ctype)}
+    return requests.post(f"{server}{route}", files=files, data=form, params=params, headers=headers, timeout=120)
+
+
+def replica_pids(name: str) -> set[int]:
+    from ray._private import state
+
+    return {a["Pid"] for a in state.actors().values()
+            if a["State"] == "ALIVE" and f"ServeReplica:avray-test:{name}" in a.get("ActorClassName", "") + str(a.get("Name", ""))}
+
+
+# -- routes -------------------------------------------------------------------------------------
+
+
+def test_health_models_and_docs(server):
+    assert requests.get(f"{server}/healthz", timeout=30).json() == {
+        "status": "ok", "models": ["captioning", "localization", "separation"]}
+    models = requests.get(f"{server}/v1/models", headers=AUTH, timeout=30).json()
+    assert sorted(models["models"]) == ["captioning", "localization", "separation"]
+    sep = models["models"]["separation"]
+    assert sep["config"]["num_speakers"] == 2 and sep["trained_epochs"] == 3 and sep["device"] == "cpu"
+    assert sep["clip_settings"] == CLIP and sep["batching"] is True and sep["max_batch_size"] == 4
+    assert models["limits"] == {"max_upload_mb": MAX_UPLOAD_MB, "max_seconds": MAX_SECONDS, "max_pixels": 1920 * 1080}
+    spec = requests.get(f"{server}/openapi.json", timeout=30).json()
+    assert {"/v1/localize", "/v1/separate", "/v1/caption", "/healthz", "/v1/models"} <= set(spec["paths"])
+    assert requests.get(f"{server}/docs", timeout=30).status_code == 200
+
+
+def test_localize_scene_json_and_overlay(server, media):
+    from PIL import Image
+
+    r = post(server, "/v1/localize", media["scene"])
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["fps"] == 4.0 and d["frames_sampled"] == 2 * T and len(d["frames"]) == 2 * T
+    assert d["grid"] == [8, 8] and d["source"] == {"width": 128, "height": 128}
+    assert d["view"] == {"x0": 0.0, "y0": 0.0, "x1": 128.0, "y1": 128.0}
+    assert [f["t"] for f in d["frames"]] == [i * 0.25 for i in range(2 * T)]
+    for f in d["frames"]:
+        g = np.array(f["heatmap"])
+        assert g.shape == (8, 8) and g.min() == 0.0 and g.max() == 1.0
+        assert 0 <= f["peak"]["x"] <= 128 and 0 <= f["peak"]["y"] <= 128
+    r = post(server, "/v1/localize", media["scene"], params={"overlay": "png"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    img = Image.open(io.BytesIO(r.content))
+    assert img.size == (64, 64) and img.n_frames == 2 * T
+
+
+def test_localize_real_video_maps_peak_to_source_pixels(server):
+    # GRID: 360x288, 2.98 s -> one clip; the model sees the centre 288x288 crop
+    r = post(server, "/v1/localize", FIXTURES / "grid_brbk7n.mpg", ctype="video/mpeg")
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["frames_sampled"] == T and d["source"] == {"width": 360, "height": 288}
+    assert d["view"] == {"x0": 36.0, "y0": 0.0, "x1": 324.0, "y1": 288.0}
+    assert all(36 <= f["peak"]["x"] <= 324 and 0 <= f["peak"]["y"] <= 288 for f in d["frames"])
+
+
+def _wavs(zip_bytes: bytes) -> dict[str, tuple[int, int]]:
+    out = {}
+    with zipfile.ZipFile(io.BytesIO(zip_bytes)) as z:
+        for name in z.namelist():
+            if name.endswith(".wav"):
+                with wave.open(io.BytesIO(z.read(name))) as w:
+                    out[name] = (w.getframerate(), w.getnframes())
+        out["boxes.json"] = json.loads(z.read("boxes.json"))
+    return out
+
+
+def test_separate_zip_default_strips_and_json_with_boxes(server, media):
+    r = post(server, "/v1/separate", media["scene"])
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/zip"
+    z = _wavs(r.content)
+    assert z == {"speaker_0.wav": (16000, 2 * S), "speaker_1.wav": (16000, 2 * S),
+                 "boxes.json": {"boxes": [[0.0, 0.0, 64.0, 128.0], [64.0, 0.0, 128.0, 128.0]], "sample_rate": 16000}}
+    boxes = [[10, 20, 60, 100], [70, 5, 120, 127.5]]
+    r = post(server, "/v1/separate", media["scene"], form={"boxes": json.dumps(boxes)}, params={"format": "json"})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["sample_rate"] == 16000 and d["seconds"] == 4.0 and [s["box"] for s in d["speakers"]] == boxes
+    for s in d["speakers"]:
+        with wave.open(io.BytesIO(base64.b64decode(s["wav_base64"]))) as w:
+            assert (w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()) == (1, 2, 16000, 2 * S)
+
+
+def test_separate_real_speech_video(server):
+    r = post(server, "/v1/separate", FIXTURES / "grid_brbk7n.mpg", ctype="video/mpeg",
+             form={"boxes": json.dumps([[0, 0, 180, 288], [180, 0, 360, 288]])})
+    assert r.status_code == 200, r.text
+    assert {k: v for k, v in _wavs(r.content).items() if k.endswith(".wav")} == {
+        "speaker_0.wav": (16000, S), "speaker_1.wav": (16000, S)}
+
+
+def test_caption_video_image_and_beam(server, media):
+    r = post(server, "/v1/caption", media["scene"], params={"beam_size": 3})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["audio_used"] is True and d["beam_size"] == 3 and len(d["clips"]) == 2
+    assert [(c["start_s"], c["end_s"]) for c in d["clips"]] == [(0.0, 2.0), (2.0, 4.0)]
+    assert d["caption"] == d["clips"][0]["caption"] and isinstance(d["caption"], str)
+    vocab = {"a", "red", "circle", "on", "the", "left", "hums", "blue", "square", "clicks"}
+    assert set(d["caption"].split()) <= vocab
+    r = post(server, "/v1/caption", media["still"], ctype="image/png")
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["audio_used"] is False and len(d["clips"]) == 1
+    r = post(server, "/v1/caption", media["silent"])  # a video without sound is captioned without it
+    assert r.status_code == 200 and r.json()["audio_used"] is False and len(r.json()["clips"]) == 2
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route,kwargs,status,message", [
+    ("/v1/localize", {"data": b""}, 400, "empty upload"),
+    ("/v1/localize", {"data": b"hello, this is not a video" * 10}, 422, "UnreadableMedia"),
+    ("/v1/caption", {"data": b"\x00\x00\x00\x18ftypmp42" + os.urandom(4000)}, 422, ""),
+    ("/v1/localize", {"data": b"abc", "ctype": "text/plain"}, 415, "unsupported content type 'text/plain'"),
+    ("/v1/localize", {"path": "still", "ctype": "image/png"}, 415, "send a video"),
+    ("/v1/localize", {"path": "silent"}, 422, "no audio stream"),
+    ("/v1/separate", {"path": "silent"}, 422, "no audio stream"),
+    ("/v1/localize", {"path": "long"}, 413, "max-seconds 8"),
+    ("/v1/localize", {"path": "big"}, 413, "larger than the 1 MB limit"),
+    ("/v1/separate", {"path": "scene", "form": {"boxes": "[[0, 0, 10"}}, 422, "boxes is not JSON"),
+    ("/v1/separate", {"path": "scene", "form": {"boxes": "[[0, 0, 10, 10]]"}}, 422, "separates 2 speakers; got 1 boxes"),
+    ("/v1/separate", {"path": "scene", "form": {"boxes": "[[0, 0, 10, 10], [50, 50, 129, 60]]"}}, 422,
+     "box 1 [50, 50, 129, 60] is empty or outside the 128x128 frame"),
+    ("/v1/separate", {"path": "scene", "form": {"boxes": "[[0, 0, 10, 10], [\"a\", 0, 1, 1]]"}}, 422, "number lists"),
+    ("/v1/caption", {"path": "scene", "params": {"beam_size": 0}}, 422, "greater than or equal to 1"),
+    ("/v1/separate", {"path": "scene", "params": {"format": "mp3"}}, 422, "pattern"),
+])
+def test_bad_input_gets_4xx_json(server, media, route, kwargs, status, message):
+    if kwargs.get("path") == "big":
+        media["big"].write_bytes(os.urandom(int(1.2 * 1024 * 1024)))
+    r = post(server, route, media[kwargs["path"]] if "path" in kwargs else None, data=kwargs.get("data"),
+             ctype=kwargs.get("ctype", "video/mp4"), form=kwargs.get("form"), params=kwargs.get("params"))
+    assert r.status_code == status, r.text
+    assert message in json.dumps(r.json()["detail"])
+
+
+def test_missing_file_field_and_auth(server, media):
+    r = requests.post(f"{server}/v1/localize", headers=AUTH, timeout=30)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "file"]
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        r = post(server, "/v1/localize", media["scene"], headers=headers)
+        assert r.status_code == 401 and r.json() == {"detail": "missing or wrong bearer token"}
+        assert requests.get(f"{server}/v1/models", headers=headers, timeout=30).status_code == 401
+    assert requests.get(f"{server}/healthz", timeout=30).status_code == 200  # health stays open
+
+
+def test_bad_requests_kill_no_replica(server, media):
+    before = {n: replica_pids(n) for n in ("Ingress", "Decoder", "Localizer")}
+    assert all(len(p) == 1 for p in before.values()), before
+    for body in (b"", b"junk" * 100, Path(media["silent"]).read_bytes()):
+        assert post(server, "/v1/localize", data=body).status_code in (400, 422)
+    assert post(server, "/v1/localize", media["scene"]).status_code == 200
+    assert {n: replica_pids(n) for n in before} == before
+
+
+# -- load, timeout, recovery --------------------------------------------------------------------
+
+
+def test_timeout_is_408(server, media):
+    r = post(server, "/v1/localize", media["scene"], headers={**AUTH, "x-request-timeout-seconds": "0.01"})
+    assert r.status_code == 408
+    assert post(server, "/v1/localize", media["scene"]).status_code == 200
+
+
+def test_burst_beyond_queue_gets_503_then_service_answers(server, media):
+    body = Path(media["scene"]).read_bytes()
+
+    def one(_):
+        return post(server, "/v1/separate", data=body).status_code
+
+    with ThreadPoolExecutor(24) as pool:
+        codes = list(pool.map(one, range(24)))
+    # the ingress holds 2 requests and queues 2: the rest of a simultaneous burst is refused
+    assert set(codes) <= {200, 503} and codes.count(503) >= 10 and codes.count(200) >= 2, codes
+    assert post(server, "/v1/separate", data=body).status_code == 200
+
+
+def test_killed_model_replica_is_replaced(server, media):
+    (pid,) = replica_pids("Localizer")
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 90
+    codes = []
+    while time.monotonic() < deadline:
+        codes.append(post(server, "/v1/localize", media["scene"]).status_code)
+        if codes[-1] == 200 and replica_pids("Localizer") - {pid}:
+            break
+        time.sleep(1)
+    assert codes[-1] == 200, codes
+    assert pid not in replica_pids("Localizer")
