@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= demo
 
-.PHONY: demo test bench-ingest bench-train clean
+.PHONY: demo serve test bench-ingest bench-train bench-serve clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,9 +13,23 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
+# Scenes -> clip Parquet -> three tiny models (a couple of minutes on 2 cores) -> how to serve them.
 demo: $(STAMP)
-	$(BIN)/avray synth --out $(DEMO)/media --videos 8 --seed 0
-	$(BIN)/avray preprocess $(DEMO)/media/manifest.jsonl --out $(DEMO)/clips-out
+	$(BIN)/avray synth --out $(DEMO)/media --videos 24 --seconds 4 --size 128 --seed 0
+	$(BIN)/avray preprocess $(DEMO)/media/manifest.jsonl --out $(DEMO)/data --size 96 --fps 8
+	rm -rf $(DEMO)/runs
+	for task in localization separation captioning; do \
+	  $(BIN)/avray train --task $$task --data $(DEMO)/data/clips --out $(DEMO)/runs/$$task --epochs 3 || exit 1; done
+	@echo
+	@echo "Serve the demo models:  make serve   (= avray serve with the three checkpoints in $(DEMO)/runs)"
+	@echo "then, from another shell:"
+	@echo "  curl -F file=@$(DEMO)/media/scene_00000.mp4 http://127.0.0.1:8000/v1/localize"
+	@echo "  curl -F file=@$(DEMO)/media/scene_00000.mp4 http://127.0.0.1:8000/v1/caption"
+	@echo "  curl -F file=@$(DEMO)/media/scene_00000.mp4 -o speakers.zip http://127.0.0.1:8000/v1/separate"
+
+serve: $(STAMP)
+	$(BIN)/avray serve --localization $(DEMO)/runs/localization/model.pt \
+	  --separation $(DEMO)/runs/separation/model.pt --captioning $(DEMO)/runs/captioning/model.pt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -25,6 +39,9 @@ bench-ingest: $(STAMP)
 
 bench-train: $(STAMP)
 	$(BIN)/python benchmarks/train.py --runs 3 --write BENCHMARKS.md
+
+bench-serve: $(STAMP)
+	$(BIN)/python benchmarks/serve.py --write BENCHMARKS.md
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -44,7 +44,7 @@ class AppArgs:
     token: str | None = None         # bearer token for /v1 routes (None: open)
     batching: bool = True            # @serve.batch on model calls (False: one request per call)
     max_batch_size: int = 16         # requests per model call when batching
-    batch_wait_ms: float = 5.0       # how long a batch waits to fill
+    batch_wait_ms: float = 2.0       # how long a batch waits to fill (a lone request waits this long)
     use_gpu: str = "auto"            # auto: model deployments take a GPU share when the cluster has GPUs
 
     def __post_init__(self) -> None:

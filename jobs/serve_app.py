@@ -1,17 +1,20 @@
 """The Ray Serve application behind `avray serve` (built by `jobs.serve.build_app`).
 
-    HTTP ─▶ Ingress (FastAPI: limits, auth, formats) ─▶ Decoder (CPU: pipelines.decode, log-mel)
-                                                     └▶ ModelServer × task (GPU when present; @serve.batch)
+    HTTP ─▶ Ingress (FastAPI: auth, limits, answer formats)
+              └▶ Decoder (CPU: `prepare` in threads) ─▶ Localizer / Separator / Captioner
+                                                        (ModelServer, GPU when present, @serve.batch)
 
+Clip arrays go decoder -> model once; the ingress sees only bytes in and results out.
 The plain pieces, also called directly by benchmarks/serve.py as the no-Serve baseline:
-- `ClipSpec` / `clip_spec(ckpt)`: how a model's training clips were made (stored by avray train
-  in the checkpoint's `extra["clip_settings"]`), so uploads are decoded the same way;
-- `decode_upload(data, spec, ...)`: upload bytes -> clip arrays, or `RequestError`;
+- `clip_spec(ckpt)`: how a model's training clips were made (stored by avray train in the
+  checkpoint's `extra["clip_settings"]`), so uploads are decoded the same way;
+- `prepare(task, data, spec)`: upload bytes -> the model's input item (`decode_upload` + the
+  task's crops / options), or `RequestError`;
 - `Runner`: a model loaded from its checkpoint with `infer(items) -> results`, where `items`
   come from several requests and go through the model as one batch.
 
-Expected failures (bad media, limits) travel between deployments as `RequestError`s that the
-ingress turns into 4xx JSON: `{"detail": "what was wrong"}`.
+Expected failures (bad media, limits) come back from the decoder as `{"error": (status,
+message)}`, which the ingress turns into 4xx JSON: `{"detail": "what was wrong"}`.
 """
 
 
@@ -23,7 +26,6 @@ import hmac
 import io
 import json
 import logging
-import os
 import wave
 import zipfile
 from dataclasses import dataclass
@@ -41,7 +43,6 @@ from pipelines.spectrogram import SpectrogramConfig, log_mel
 
 log = logging.getLogger(__name__)
 
-ROUTE_TASK = {"localize": "localization", "separate": "separation", "caption": "captioning"}
 FACE_SIZE = 48  # the separation visual stream's input side (jobs.tasks.SeparationTask.face_size)
 MAX_BEAM = 10
 
@@ -160,6 +161,26 @@ def speaker_faces(frames: np.ndarray, boxes: list[list[float]], width: int, heig
     return torch.stack(crops, dim=1).numpy()  # (C, K, T, 3, s, s)
 
 
+def prepare(task: str, data: bytes, spec: ClipSpec, *, speakers: int = 0, boxes: str | None = None,
+            beam_size: int = 1) -> dict[str, Any]:
+    """One request's work before the model: decode the upload as the model's training clips were
+    made and add the task's inputs. Returns the model's item (see the Runners) plus `starts`,
+    `info`, `fps`, `sample_rate`, `frames_per_clip`; localization adds `view` (the crop's plan),
+    separation `boxes` and `faces` (frames dropped). Raises RequestError."""
+    d = decode_upload(data, spec, need_audio=task != "captioning", image_ok=task == "captioning")
+    d.update(fps=spec.decode.fps, sample_rate=spec.decode.sample_rate, frames_per_clip=d["frames"].shape[1])
+    w, h = d["info"]["width"], d["info"]["height"]
+    if task == "separation":
+        d["boxes"] = parse_boxes(boxes, speakers, w, h)
+        d["faces"] = speaker_faces(d.pop("frames"), d["boxes"], w, h)
+    elif task == "localization":
+        sw, _, y0, x0 = _resize_plan(w, h, 0, spec.decode)
+        d["view"] = {"scale": sw / w, "x0": x0, "y0": y0, "size": spec.decode.size}
+    else:
+        d["beam_size"] = beam_size
+    return d
+
+
 # ---------------------------------------------------------------------------------------------
 # Models: one Runner per task; infer() takes the items of several requests as one batch
 
@@ -187,8 +208,21 @@ class Runner(abc.ABC):
                 "config": self.ckpt["config"],
                 "parameters": sum(p.numel() for p in self.model.parameters())}
 
-    def _float(self, a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, torch.float32)
+    max_rows = 64  # rows (frames or clips) per forward pass: a batch of long uploads runs in chunks
+
+    def _float(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.to(self.device, torch.float32)
+
+    def _chunked(self, fn, *xs: torch.Tensor | None):
+        """fn over row chunks (at most max_rows) of xs (None passes through as None), the outputs
+        put back together: tensors or tuples of tensors concatenated, lists joined."""
+        n = next(x for x in xs if x is not None).shape[0]
+        outs = [fn(*(None if x is None else x[i:i + self.max_rows] for x in xs)) for i in range(0, n, self.max_rows)]
+        if isinstance(outs[0], torch.Tensor):
+            return torch.cat(outs)
+        if isinstance(outs[0], tuple):
+            return tuple(torch.cat(parts) for parts in zip(*outs))
+        return [v for o in outs for v in o]
 
     @abc.abstractmethod
     def infer(self, items: list[dict[str, Any]]) -> list[Any]:
@@ -206,18 +240,21 @@ class LocalizeRunner(Runner):
     def infer(self, items):
         from models.localization import heatmap
 
+        def run(frames: torch.Tensor, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x = self._float(frames).permute(0, 3, 1, 2) / 255.0  # (n, 3, H, W)
+            out = self.model(x, self._float(mel))
+            sim = out["sim"]  # (n, h, w)
+            lo, hi = sim.amin(dim=(1, 2), keepdim=True), sim.amax(dim=(1, 2), keepdim=True)
+            full = heatmap(out, x.shape[-2:])  # (n, H, W)
+            flat = full.flatten(1).argmax(dim=1)  # (n,)
+            W = full.shape[-1]
+            return (sim - lo) / (hi - lo).clamp_min(1e-12), torch.stack([flat % W, flat // W], dim=1)  # (n, h, w), (n, 2)
+
         counts = [it["frames"].shape[0] * it["frames"].shape[1] for it in items]
-        frames = torch.cat([self._float(it["frames"]).flatten(0, 1) for it in items]).permute(0, 3, 1, 2) / 255.0  # (n, 3, H, W)
-        mel = torch.cat([self._float(it["logmel"]).repeat_interleave(it["frames"].shape[1], dim=0)
+        frames = torch.cat([torch.from_numpy(it["frames"]).flatten(0, 1) for it in items])  # uint8 (n, H, W, 3)
+        mel = torch.cat([torch.from_numpy(it["logmel"]).repeat_interleave(it["frames"].shape[1], dim=0)
                          for it in items])  # (n, M, N): each frame with its clip's sound
-        out = self.model(frames, mel)
-        sim = out["sim"]  # (n, h, w)
-        lo, hi = sim.amin(dim=(1, 2), keepdim=True), sim.amax(dim=(1, 2), keepdim=True)
-        grid = (sim - lo) / (hi - lo).clamp_min(1e-12)  # (n, h, w)
-        full = heatmap(out, frames.shape[-2:])  # (n, H, W)
-        W = full.shape[-1]
-        flat = full.flatten(1).argmax(dim=1)  # (n,)
-        peak = torch.stack([flat % W, flat // W], dim=1)  # (n, 2): x, y
+        grid, peak = self._chunked(run, frames, mel)
         return [{"grid": g.cpu().numpy(), "peak": p.cpu().numpy()}
                 for g, p in zip(grid.split(counts), peak.split(counts))]
 
@@ -230,12 +267,14 @@ class SeparateRunner(Runner):
 
     @torch.no_grad()
     def infer(self, items):
+        def run(mixture: torch.Tensor, faces: torch.Tensor | None) -> torch.Tensor:
+            faces = None if faces is None else self._float(faces) / 255.0  # (n, K, T, 3, s, s)
+            return self.model(self._float(mixture), faces)["waveforms"]  # (n, K, S)
+
         counts = [it["audio"].shape[0] for it in items]
-        mixture = torch.cat([self._float(it["audio"]) for it in items])  # (n, S)
-        faces = None
-        if not self.cfg.audio_only:
-            faces = torch.cat([self._float(it["faces"]) for it in items]) / 255.0  # (n, K, T, 3, s, s)
-        waves = self.model(mixture, faces)["waveforms"]  # (n, K, S)
+        mixture = torch.cat([torch.from_numpy(it["audio"]) for it in items])  # (n, S)
+        faces = None if self.cfg.audio_only else torch.cat([torch.from_numpy(it["faces"]) for it in items])
+        waves = self._chunked(run, mixture, faces)  # (n, K, S)
         return [w.permute(1, 0, 2).flatten(1).cpu().numpy() for w in waves.split(counts)]  # (K, C·S)
 
 
@@ -253,12 +292,16 @@ class CaptionRunner(Runner):
         groups: dict[tuple[int, bool], list[int]] = {}
         for i, it in enumerate(items):
             groups.setdefault((int(it["beam_size"]), it["logmel"] is None), []).append(i)
+        def run(beam: int, frames: torch.Tensor, mel: torch.Tensor | None) -> list[str]:
+            x = self._float(frames).permute(0, 1, 4, 2, 3) / 255.0  # (n, T, 3, H, W)
+            ids = self.model.greedy(x, self._float(mel)) if beam == 1 else self.model.beam_search(x, self._float(mel), beam)
+            return [decode(t, self.cfg.vocab) for t in ids]
+
         for (beam, silent), idx in groups.items():
             counts = [items[i]["frames"].shape[0] for i in idx]
-            frames = torch.cat([self._float(items[i]["frames"]) for i in idx]).permute(0, 1, 4, 2, 3) / 255.0  # (n, T, 3, H, W)
-            mel = None if silent else torch.cat([self._float(items[i]["logmel"]) for i in idx])  # (n, M, N)
-            ids = self.model.greedy(frames, mel) if beam == 1 else self.model.beam_search(frames, mel, beam)
-            caps = [decode(t, self.cfg.vocab) for t in ids]
+            frames = torch.cat([torch.from_numpy(items[i]["frames"]) for i in idx])  # uint8 (n, T, H, W, 3)
+            mel = None if silent else torch.cat([torch.from_numpy(items[i]["logmel"]) for i in idx])  # (n, M, N)
+            caps = self._chunked(lambda f, m: run(beam, f, m), frames, mel)
             start = 0
             for i, n in zip(idx, counts):
                 results[i], start = caps[start:start + n], start + n
@@ -307,46 +350,48 @@ def overlay_png(frames: np.ndarray, grids: np.ndarray, fps: float) -> bytes:
 # Deployments (ray.serve imported here only: the plain pieces above work without Ray)
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile  # noqa: E402
-from fastapi.responses import JSONResponse, Response  # noqa: E402
+from fastapi.responses import Response  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.serve.exceptions import BackPressureError  # noqa: E402
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 class Decoder:
-    """CPU decode of uploads for every served model, with each model's training clip settings."""
+    """CPU side of a request: decode the upload with the model's training clip settings
+    (`prepare`, in a thread so that several decodes overlap), hand the item to the model's
+    deployment and return its result with what the ingress needs to format the answer. Clip
+    arrays thus travel decoder -> model once and never through the ingress."""
 
-    def __init__(self, args: dict[str, Any]) -> None:
+    def __init__(self, args: dict[str, Any], localization=None, separation=None, captioning=None) -> None:
         self.args = AppArgs.from_dict(args)
+        self.models = {t: h for t, h in (("localization", localization), ("separation", separation),
+                                         ("captioning", captioning)) if h is not None}
         self.specs: dict[str, ClipSpec] = {}
         self.speakers = 0
-        for task in ROUTE_TASK.values():
-            path = getattr(self.args, task)
-            if path:
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
-                # separation crops speaker boxes from the whole picture: letterbox, never crop
-                self.specs[task] = clip_spec(ckpt, self.args, "letterbox" if task == "separation" else "crop")
-                if task == "separation":
-                    self.speakers = int(ckpt["config"]["num_speakers"])
-
-    def decode(self, task: str, data: bytes, boxes: str | None = None) -> dict[str, Any]:
-        """-> the model's input item plus what the ingress needs to format the answer, or
-        {"error": (status, message)}."""
-        try:
-            spec = self.specs[task]
-            d = decode_upload(data, spec, need_audio=task != "captioning", image_ok=task == "captioning")
-            d["fps"], d["sample_rate"] = spec.decode.fps, spec.decode.sample_rate
+        for task in self.models:
+            ckpt = torch.load(getattr(self.args, task), map_location="cpu", weights_only=True)
+            # separation crops speaker boxes from the whole picture: letterbox, never crop
+            self.specs[task] = clip_spec(ckpt, self.args, "letterbox" if task == "separation" else "crop")
             if task == "separation":
-                w, h = d["info"]["width"], d["info"]["height"]
-                d["boxes"] = parse_boxes(boxes, self.speakers, w, h)
-                d["faces"] = speaker_faces(d["frames"], d["boxes"], w, h)
-                del d["frames"]
-            if task == "localization":
-                sw, sh, y0, x0 = _resize_plan(d["info"]["width"], d["info"]["height"], 0, spec.decode)
-                d["view"] = {"scale": sw / d["info"]["width"], "x0": x0, "y0": y0}
-            return d
+                self.speakers = int(ckpt["config"]["num_speakers"])
+
+    async def __call__(self, task: str, data: bytes, boxes: str | None = None, beam_size: int = 1,
+                       overlay: bool = False) -> dict[str, Any]:
+        """-> {"result": the model's answer, "meta": ...}, or {"error": (status, message)}."""
+        try:
+            d = await asyncio.to_thread(prepare, task, data, self.specs[task], speakers=self.speakers,
+                                        boxes=boxes, beam_size=beam_size)
         except RequestError as e:
             return {"error": (e.status, e.message)}
+        try:
+            result = await self.models[task].remote(d)
+        except BackPressureError as e:
+            return {"error": (503, f"overloaded, retry later ({e.message})")}
+        meta = {k: d[k] for k in ("starts", "info", "fps", "sample_rate", "frames_per_clip", "view", "boxes") if k in d}
+        meta["audio_used"] = d["logmel"] is not None
+        if overlay:
+            meta["frames"] = d["frames"]
+        return {"result": result, "meta": meta}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
@@ -402,10 +447,9 @@ class Ingress:
         if not hmac.compare_digest(got.encode(), f"Bearer {self.args.token}".encode()):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    def _model(self, task: str):
+    def _need(self, task: str) -> None:
         if task not in self.models:
             raise HTTPException(404, f"no {task} model is loaded (start avray serve with --{task} CHECKPOINT)")
-        return self.models[task]
 
     async def _read(self, request: Request, file: UploadFile, image_ok: bool = False) -> bytes:
         length = request.headers.get("content-length")
@@ -423,18 +467,16 @@ class Ingress:
             raise HTTPException(400, "empty upload")
         return data
 
-    async def _call(self, handle, *args) -> Any:
+    async def _run(self, task: str, data: bytes, **options) -> tuple[Any, dict[str, Any]]:
+        """Decoder -> model for one upload: (the model's result, the request's metadata)."""
         try:
-            out = await handle.remote(*args)
+            out = await self.decoder.remote(task, data, **options)
         except BackPressureError as e:
             raise HTTPException(503, f"overloaded, retry later ({e.message})", headers={"Retry-After": "1"}) from e
-        if isinstance(out, dict) and "error" in out:
+        if "error" in out:
             status, message = out["error"]
-            raise HTTPException(status, message)
-        return out
-
-    async def _decoded(self, task: str, data: bytes, boxes: str | None = None) -> dict[str, Any]:
-        return await self._call(self.decoder.decode, task, data, boxes)
+            raise HTTPException(status, message, headers={"Retry-After": "1"} if status == 503 else None)
+        return out["result"], out["meta"]
 
     # -- routes -----------------------------------------------------------------------------
 
@@ -453,25 +495,26 @@ class Ingress:
     @app.post("/v1/localize")
     async def localize(self, request: Request, file: UploadFile = File(..., description="video with sound"),
                        overlay: str | None = Query(None, pattern="^png$", description="png: heatmaps over frames as an animated PNG")):
-        """Where the sound comes from: per sampled frame, a heatmap grid in [0, 1] and its peak
-        in source pixels (of the centre crop the model sees, `view`)."""
+        """Where the sound comes from: per sampled frame, a heatmap grid in [0, 1] and its peak,
+        in source pixels; `view` is the centred square of the source that the model sees."""
         self._auth(request)
-        model = self._model("localization")
-        d = await self._decoded("localization", await self._read(request, file))
-        res = await self._call(model, {"frames": d["frames"], "logmel": d["logmel"]})
-        frames = d["frames"].reshape(-1, *d["frames"].shape[2:])  # (C·T, H, W, 3)
+        self._need("localization")
+        res, m = await self._run("localization", await self._read(request, file), overlay=overlay == "png")
         if overlay == "png":
-            return Response(overlay_png(frames, res["grid"], d["fps"]), media_type="image/png")
-        v, T = d["view"], d["frames"].shape[1]
-        size = frames.shape[1]
-        times = [s + j / d["fps"] for s in d["starts"] for j in range(T)]
-        return {"fps": d["fps"], "frames_sampled": len(times), "grid": list(res["grid"].shape[1:]),
-                "source": {"width": d["info"]["width"], "height": d["info"]["height"]},
-                "view": {"x0": round(v["x0"] / v["scale"], 1), "y0": round(v["y0"] / v["scale"], 1),
-                         "x1": round((v["x0"] + size) / v["scale"], 1), "y1": round((v["y0"] + size) / v["scale"], 1)},
+            frames = m["frames"].reshape(-1, *m["frames"].shape[2:])  # (C·T, H, W, 3)
+            return Response(overlay_png(frames, res["grid"], m["fps"]), media_type="image/png")
+        v = m["view"]
+
+        def src(p: float, offset: int) -> float:  # frame pixel -> source pixel
+            return round((p + offset) / v["scale"], 1)
+
+        times = [s + j / m["fps"] for s in m["starts"] for j in range(m["frames_per_clip"])]
+        return {"fps": m["fps"], "frames_sampled": len(times), "grid": list(res["grid"].shape[1:]),
+                "source": {"width": m["info"]["width"], "height": m["info"]["height"]},
+                "view": {"x0": src(0, v["x0"]), "y0": src(0, v["y0"]), "x1": src(v["size"], v["x0"]),
+                         "y1": src(v["size"], v["y0"])},
                 "frames": [{"t": round(t, 4), "heatmap": np.round(g, 3).tolist(),
-                            "peak": {"x": round((float(p[0]) + 0.5 + v["x0"]) / v["scale"], 1),
-                                     "y": round((float(p[1]) + 0.5 + v["y0"]) / v["scale"], 1)}}
+                            "peak": {"x": src(float(p[0]) + 0.5, v["x0"]), "y": src(float(p[1]) + 0.5, v["y0"])}}
                            for t, g, p in zip(times, res["grid"], res["peak"])]}
 
     @app.post("/v1/separate")
@@ -480,19 +523,18 @@ class Ingress:
                        format: str = Query("zip", pattern="^(zip|json)$", description="zip of WAVs, or JSON with base64 WAVs")):
         """Each speaker's own voice: one 16-bit WAV per box, in box order."""
         self._auth(request)
-        model = self._model("separation")
-        d = await self._decoded("separation", await self._read(request, file), boxes)
-        tracks = await self._call(model, {"audio": d["audio"], "faces": d.get("faces")})  # (K, C·S)
-        sr = d["sample_rate"]
+        self._need("separation")
+        tracks, m = await self._run("separation", await self._read(request, file), boxes=boxes)  # (K, C·S)
+        sr = m["sample_rate"]
         wavs = [wav_bytes(t, sr) for t in tracks]
         if format == "json":
             return {"sample_rate": sr, "seconds": tracks.shape[1] / sr,
-                    "speakers": [{"box": b, "wav_base64": base64.b64encode(w).decode()} for b, w in zip(d["boxes"], wavs)]}
+                    "speakers": [{"box": b, "wav_base64": base64.b64encode(w).decode()} for b, w in zip(m["boxes"], wavs)]}
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
             for i, w in enumerate(wavs):
                 z.writestr(f"speaker_{i}.wav", w)
-            z.writestr("boxes.json", json.dumps({"boxes": d["boxes"], "sample_rate": sr}))
+            z.writestr("boxes.json", json.dumps({"boxes": m["boxes"], "sample_rate": sr}))
         return Response(buf.getvalue(), media_type="application/zip",
                         headers={"Content-Disposition": 'attachment; filename="speakers.zip"'})
 
@@ -501,12 +543,11 @@ class Ingress:
                       beam_size: int = Query(1, ge=1, le=MAX_BEAM, description="1: greedy decoding")):
         """What happens: one caption per clip (a still image is one clip, captioned without sound)."""
         self._auth(request)
-        model = self._model("captioning")
-        d = await self._decoded("captioning", await self._read(request, file, image_ok=True))
-        caps = await self._call(model, {"frames": d["frames"], "logmel": d["logmel"], "beam_size": beam_size})
-        T = d["frames"].shape[1]
-        return {"caption": caps[0], "audio_used": d["logmel"] is not None, "beam_size": beam_size,
-                "clips": [{"start_s": s, "end_s": s + T / d["fps"], "caption": c} for s, c in zip(d["starts"], caps)]}
+        self._need("captioning")
+        caps, m = await self._run("captioning", await self._read(request, file, image_ok=True), beam_size=beam_size)
+        span = m["frames_per_clip"] / m["fps"]
+        return {"caption": caps[0], "audio_used": m["audio_used"], "beam_size": beam_size,
+                "clips": [{"start_s": s, "end_s": s + span, "caption": c} for s, c in zip(m["starts"], caps)]}
 
 
 def build(args: AppArgs, deployments: list[dict[str, Any]]):
@@ -527,5 +568,5 @@ def build(args: AppArgs, deployments: list[dict[str, Any]]):
 
     handles = {t: model(t, name) for t, name in (("localization", "Localizer"), ("separation", "Separator"),
                                                  ("captioning", "Captioner")) if getattr(args, t)}
-    decoder = Decoder.options(**opts.get("Decoder", {})).bind(plain)
+    decoder = Decoder.options(**opts.get("Decoder", {})).bind(plain, **handles)
     return Ingress.options(**opts.get("Ingress", {})).bind(plain, decoder, **handles)

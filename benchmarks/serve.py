@@ -1,0 +1,213 @@
+"""Serving benchmark: requests/s and p50/p99 latency of each route over loopback HTTP against the
+same decode + model called directly in a loop, with and without @serve.batch.
+
+One run, bounded in count and time. Models: freshly initialised `tiny` checkpoints (speed does
+not depend on training) with the clip settings `make demo` trains on (2 s clips, 8 fps, 96 px,
+16 kHz); input: one synthetic scene of 2 s (one clip) at 128 px, the same bytes for every request.
+
+  direct: in this process, torch on one thread (as a Serve replica with < 1 CPU gets), a loop of
+          `decode_upload` + `Runner.infer([item])`: the work of one request without Serve;
+  serve:  `avray serve`'s application (jobs.serve.build_app) on a local Ray with 2 CPUs, one
+          replica per deployment (autoscaling off, so batched and unbatched compare like for like),
+          queues large enough that no request is refused; an asyncio + aiohttp client keeps
+          `c` requests in flight (c = 1, 8, 32) until --requests have completed or --seconds
+          have passed (after 4 warm-up requests).
+
+Serving overhead = p50 latency (serve, c = 1) - p50 latency (direct). Batching gain = requests/s
+batched / unbatched at c = 32. Results are printed as Markdown and, with --write BENCHMARKS.md,
+replace the section between the serve markers there.
+
+    python benchmarks/serve.py --write BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import write_section  # noqa: E402
+
+ROUTES = {"localize": "localization", "separate": "separation", "caption": "captioning"}
+CLIP_SETTINGS = {"clip_seconds": 2.0, "fps": 8.0, "size": 96, "sample_rate": 16000, "n_fft": 512,
+                 "win_length": 400, "hop_length": 160, "n_mels": 64, "resize": "crop", "hop_seconds": None}
+
+
+def tiny_checkpoints(out: Path, clip_settings: dict[str, Any], captions: list[str]) -> dict[str, str]:
+    """A freshly initialised `tiny` checkpoint per task (seed 0) carrying `clip_settings`, the
+    captioner's vocabulary built from `captions`. Returns task -> path."""
+    import torch
+
+    from models.captioning import PRESETS as CAP, build_vocab
+    from models.checkpoint import build_model, save_checkpoint
+    from models.localization import PRESETS as LOC
+    from models.separation import PRESETS as SEP
+
+    torch.manual_seed(0)
+    cfgs = {"localization": LOC["tiny"], "separation": SEP["tiny"], "captioning": CAP["tiny"](build_vocab(captions))}
+    return {name: str(save_checkpoint(out / f"{name}.pt", name, build_model(name, cfg), cfg,
+                                      extra={"epoch": 0, "clip_settings": clip_settings}))
+            for name, cfg in cfgs.items()}
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def direct(route: str, path: str, data: bytes, n: int, seconds: float) -> dict[str, float]:
+    """Latency of decode + model for one request, in a loop in this process."""
+    from jobs.serve import AppArgs
+    from jobs.serve_app import RUNNERS, clip_spec, prepare
+
+    task = ROUTES[route]
+    runner = RUNNERS[task](path)
+    spec = clip_spec(runner.ckpt, AppArgs(**{task: path}), "letterbox" if task == "separation" else "crop")
+    speakers = getattr(runner.cfg, "num_speakers", 0)
+
+    def one() -> None:
+        runner.infer([prepare(task, data, spec, speakers=speakers)])
+
+    for _ in range(3):
+        one()
+    lat: list[float] = []
+    t_end = time.perf_counter() + seconds
+    while len(lat) < n and time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        one()
+        lat.append(time.perf_counter() - t0)
+    return {"rps": len(lat) / sum(lat), "p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99), "n": len(lat)}
+
+
+async def _load(url: str, data: bytes, c: int, n: int, seconds: float) -> dict[str, float]:
+    import aiohttp
+
+    lat: list[float] = []
+    codes: dict[int, int] = {}
+    stop = time.perf_counter() + seconds
+
+    async def one(session) -> None:
+        form = aiohttp.FormData()
+        form.add_field("file", data, filename="scene.mp4", content_type="video/mp4")
+        t0 = time.perf_counter()
+        async with session.post(url, data=form) as r:
+            await r.read()
+            codes[r.status] = codes.get(r.status, 0) + 1
+        if r.status == 200:
+            lat.append(time.perf_counter() - t0)
+
+    async def worker(session, budget: list[int]) -> None:
+        while budget[0] > 0 and time.perf_counter() < stop:
+            budget[0] -= 1
+            await one(session)
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        for _ in range(4):  # warm-up
+            await one(session)
+        lat.clear()
+        codes.clear()
+        budget = [n]
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(session, budget) for _ in range(c)))
+        wall = time.perf_counter() - t0
+    if codes.get(200, 0) != sum(codes.values()):
+        raise RuntimeError(f"non-200 answers during the benchmark: {codes}")
+    return {"rps": len(lat) / wall, "p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99), "n": len(lat)}
+
+
+def run_serve(ckpts: dict[str, str], data: bytes, routes: list[str], conc: list[int], batching: bool,
+              port: int, n: int, seconds: float) -> dict[tuple[str, int], dict[str, float]]:
+    from ray import serve
+
+    from jobs.serve import build_app
+
+    deployments = [{"name": "Ingress", "num_replicas": 1, "max_ongoing_requests": 256, "max_queued_requests": -1,
+                    "ray_actor_options": {"num_cpus": 0.1}},
+                   {"name": "Decoder", "num_replicas": 1, "max_ongoing_requests": 8, "max_queued_requests": -1,
+                    "ray_actor_options": {"num_cpus": 0.5}}]
+    deployments += [{"name": name, "num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": -1,
+                     "ray_actor_options": {"num_cpus": 0.25}} for name in ("Localizer", "Separator", "Captioner")]
+    args = {**ckpts, "batching": batching, "max_batch_size": 16, "batch_wait_ms": 5.0}
+    serve.run(build_app(args, deployments), name="bench", route_prefix="/")
+    out = {}
+    for route in routes:
+        for c in conc:
+            out[(route, c)] = asyncio.run(_load(f"http://127.0.0.1:{port}/v1/{route}", data, c, max(n, 2 * c), seconds))
+            r = out[(route, c)]
+            print(f"  serve {'batched' if batching else 'unbatched'} {route} c={c}: {r['rps']:.1f} req/s, "
+                  f"p50 {r['p50'] * 1000:.1f} ms, p99 {r['p99'] * 1000:.1f} ms ({r['n']} requests)", flush=True)
+    serve.delete("bench")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default=str(ROOT / "bench-out" / "serve"), help="checkpoints and media")
+    ap.add_argument("--routes", nargs="+", default=list(ROUTES), choices=list(ROUTES))
+    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
+    ap.add_argument("--requests", type=int, default=96, help="requests per measurement, at least 2 x concurrency")
+    ap.add_argument("--seconds", type=float, default=30.0, help="time bound per measurement")
+    ap.add_argument("--port", type=int, default=8471)
+    ap.add_argument("--write", type=Path, help="update this Markdown file's serve section")
+    a = ap.parse_args()
+
+    import ray
+    import torch
+    from ray import serve
+
+    from pipelines.synth import make_scene, write_scene
+
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    gt = write_scene(make_scene(0, 0, seconds=2.0, size=128), work)
+    scene = work / gt["video"]
+    data = scene.read_bytes()
+    ckpts = tiny_checkpoints(work, CLIP_SETTINGS, [gt["caption"], "a red circle on the left hums"])
+
+    torch.set_num_threads(1)
+    base = {}
+    for route in a.routes:
+        base[route] = direct(route, ckpts[ROUTES[route]], data, a.requests, a.seconds)
+        print(f"  direct {route}: {base[route]['rps']:.1f} req/s, p50 {base[route]['p50'] * 1000:.1f} ms", flush=True)
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": a.port, "request_timeout_s": 120})
+        batched = run_serve(ckpts, data, a.routes, a.concurrency, True, a.port, a.requests, a.seconds)
+        unbatched = run_serve(ckpts, data, a.routes, a.concurrency, False, a.port, a.requests, a.seconds)
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+    cmax = max(a.concurrency)
+    lines = [f"Input: one {len(data) / 1024:.0f} KB synthetic scene of 2 s (128 px, H.264 + AAC) per request; "
+             f"tiny models, clips of 2 s at 8 fps, 96 px; up to {a.requests} requests or {a.seconds:g} s per "
+             f"measurement after 4 warm-up requests; 2 cores, Ray with 2 CPUs, client on the same machine.", "",
+             "| route | mode | concurrency | requests/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
+    for route in a.routes:
+        b = base[route]
+        lines.append(f"| {route} | direct loop (decode + model) | 1 | {b['rps']:.1f} | {b['p50'] * 1000:.1f} | {b['p99'] * 1000:.1f} |")
+        for mode, res in (("serve, @serve.batch", batched), ("serve, unbatched", unbatched)):
+            for c in a.concurrency:
+                r = res[(route, c)]
+                lines.append(f"| {route} | {mode} | {c} | {r['rps']:.1f} | {r['p50'] * 1000:.1f} | {r['p99'] * 1000:.1f} |")
+    lines += ["", f"| route | serving overhead, p50 at c = 1 (target ≤ 10 ms) | batched / unbatched requests/s at c = {cmax} (target ≥ 2) | serve batched c = {cmax} / direct requests/s |",
+              "|---|---|---|---|"]
+    for route in a.routes:
+        over = (batched[(route, 1)]["p50"] - base[route]["p50"]) * 1000 if 1 in a.concurrency else float("nan")
+        gain = batched[(route, cmax)]["rps"] / unbatched[(route, cmax)]["rps"]
+        lines.append(f"| {route} | {over:+.1f} ms | **{gain:.2f}x** | {batched[(route, cmax)]['rps'] / base[route]['rps']:.2f}x |")
+    md = "\n".join(lines)
+    print(md)
+    if a.write:
+        write_section(a.write, "serve", md)
+        print(f"wrote the serve section of {a.write}")
+
+
+if __name__ == "__main__":
+    main()
