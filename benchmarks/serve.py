@@ -7,7 +7,7 @@ not depend on training) with the clip settings `make demo` trains on (2 s clips,
 
   direct: in this process, torch on one thread (as a Serve replica with < 1 CPU gets), a loop of
           `decode_upload` + `Runner.infer([item])`: the work of one request without Serve;
-  serve:  `avray serve`'s application (jobs.serve.build_app) on a local Ray with 2 CPUs, one
+  serve:  `avray serve`'s application (jobs.serve.application) on a local Ray with 2 CPUs, one
           replica per deployment (autoscaling off, so batched and unbatched compare like for like),
           queues large enough that no request is refused; an asyncio + aiohttp client keeps
           `c` requests in flight (c = 1, 8, 32) until --requests have completed or --seconds
@@ -124,7 +124,7 @@ def run_serve(ckpts: dict[str, str], data: bytes, routes: list[str], conc: list[
               port: int, n: int, seconds: float) -> dict[tuple[str, int], dict[str, float]]:
     from ray import serve
 
-    from jobs.serve import build_app
+    from jobs.serve import application
 
     deployments = [{"name": "Ingress", "num_replicas": 1, "max_ongoing_requests": 256, "max_queued_requests": -1,
                     "ray_actor_options": {"num_cpus": 0.1}},
@@ -133,7 +133,7 @@ def run_serve(ckpts: dict[str, str], data: bytes, routes: list[str], conc: list[
     deployments += [{"name": name, "num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": -1,
                      "ray_actor_options": {"num_cpus": 0.25}} for name in ("Localizer", "Separator", "Captioner")]
     args = {**ckpts, "batching": batching, "max_batch_size": 16, "batch_wait_ms": 5.0}
-    serve.run(build_app(args, deployments), name="bench", route_prefix="/")
+    serve.run(application(args, deployments), name="bench", route_prefix="/")
     out = {}
     for route in routes:
         for c in conc:

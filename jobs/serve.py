@@ -108,13 +108,18 @@ def read_config(path: str) -> dict[str, Any]:
     return raw
 
 
-def build_app(args: dict[str, Any], deployments: list[dict[str, Any]] | None = None):
-    """Serve application builder (`import_path: jobs.serve:build_app`): `args` as AppArgs fields;
-    `deployments`: per-deployment option overrides as in a Serve config (`name` + options), which
-    `serve run/deploy` applies itself and avray serve passes here."""
+def application(args: dict[str, Any], deployments: list[dict[str, Any]] | None = None):
+    """The bound Serve application. `args`: AppArgs fields; `deployments`: per-deployment option
+    overrides as in a Serve config file (`name` + options)."""
     from jobs.serve_app import build
 
     return build(AppArgs.from_dict(args), deployments or [])
+
+
+def build_app(args: dict[str, Any]):
+    """Serve's application builder (`import_path: jobs.serve:build_app`): `serve run/deploy` pass
+    the config file's `args` here and apply its `deployments` options themselves."""
+    return application(args)
 
 
 def run(cfg: ServeConfig) -> int:
@@ -134,7 +139,7 @@ def run(cfg: ServeConfig) -> int:
     if not any(args.get(t) for t in TASKS):
         raise ValueError("give at least one checkpoint: --localization, --separation or --captioning "
                          "(make demo trains tiny ones under demo/runs)")
-    app = build_app(args, app_cfg.get("deployments"))  # bad args fail here, before Ray starts
+    app = application(args, app_cfg.get("deployments"))  # bad args fail here, before Ray starts
     http = dict(raw.get("http_options") or {})
     http.update(host=cfg.host, port=cfg.port)
     if cfg.request_timeout_s is not None:

@@ -26,6 +26,7 @@ import hmac
 import io
 import json
 import logging
+import warnings
 import wave
 import zipfile
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ from pipelines.decode import (DecodeConfig, MediaError, MediaReader, MediaTooLar
 from pipelines.spectrogram import SpectrogramConfig, log_mel
 
 log = logging.getLogger(__name__)
+# Arrays that arrive through Ray's object store are read-only; the runners never write to them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 FACE_SIZE = 48  # the separation visual stream's input side (jobs.tasks.SeparationTask.face_size)
 MAX_BEAM = 10
@@ -513,7 +516,7 @@ class Ingress:
                 "source": {"width": m["info"]["width"], "height": m["info"]["height"]},
                 "view": {"x0": src(0, v["x0"]), "y0": src(0, v["y0"]), "x1": src(v["size"], v["x0"]),
                          "y1": src(v["size"], v["y0"])},
-                "frames": [{"t": round(t, 4), "heatmap": np.round(g, 3).tolist(),
+                "frames": [{"t": round(t, 4), "heatmap": np.round(g.astype(np.float64), 3).tolist(),
                             "peak": {"x": src(float(p[0]) + 0.5, v["x0"]), "y": src(float(p[1]) + 0.5, v["y0"])}}
                            for t, g, p in zip(times, res["grid"], res["peak"])]}
 

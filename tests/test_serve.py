@@ -62,7 +62,7 @@ def media(tmp_path_factory) -> dict[str, Path]:
 def server(ray_local, tmp_path_factory):
     from ray import serve
 
-    from jobs.serve import build_app
+    from jobs.serve import application
 
     ckpts = tiny_checkpoints(tmp_path_factory.mktemp("serve-ckpt"), CLIP,
                              ["a red circle on the left hums", "a blue square clicks"])
@@ -76,7 +76,7 @@ def server(ray_local, tmp_path_factory):
                      for n in ("Localizer", "Separator", "Captioner"))]
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
     try:
-        serve.run(build_app(args, deployments), name="avray-test", route_prefix="/")
+        serve.run(application(args, deployments), name="avray-test", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -126,6 +126,7 @@ def test_localize_scene_json_and_overlay(server, media):
     for f in d["frames"]:
         g = np.array(f["heatmap"])
         assert g.shape == (8, 8) and g.min() == 0.0 and g.max() == 1.0
+        assert all(len(repr(v).split(".")[1]) <= 3 for row in f["heatmap"] for v in row)  # 3 decimals on the wire
         assert 0 <= f["peak"]["x"] <= 128 and 0 <= f["peak"]["y"] <= 128
     r = post(server, "/v1/localize", media["scene"], params={"overlay": "png"})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
@@ -293,6 +294,18 @@ def test_serve_config_file_is_a_valid_serve_config():
     assert [d["name"] for d in app["deployments"]] == ["Ingress", "Decoder", "Localizer", "Separator", "Captioner"]
     assert all("max_ongoing_requests" in d and "max_queued_requests" in d for d in app["deployments"])
     assert set(app["args"]) <= {f for f in AppArgs.__dataclass_fields__}
+
+
+def test_build_app_is_what_serve_run_calls(tmp_path):
+    """`serve run/deploy` import `import_path` and call it the way Ray's own helper does."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+
+    from jobs.serve import build_app
+
+    ckpts = tiny_checkpoints(tmp_path, CLIP, ["a red circle hums"])
+    app = call_user_app_builder_with_args_if_necessary(build_app, {"localization": ckpts["localization"]})
+    assert isinstance(app, Application)
 
 
 def test_app_args_errors(tmp_path, monkeypatch):
