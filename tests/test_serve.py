@@ -197,6 +197,21 @@ def test_caption_video_image_and_beam(server, media):
     assert r.status_code == 200 and r.json()["audio_used"] is False and len(r.json()["clips"]) == 2
 
 
+@pytest.mark.parametrize("name,clips", [("grid_lbax4n.mpg", 1), ("kinetics_test.avi", 3), ("no_duration.webm", None)])
+def test_every_route_on_shared_real_videos(server, shared_media, name, clips):
+    """Real files from ../shared/media: MPEG-PS GRID speech, an AVI with B-frames, a WebM
+    without a declared duration (720p)."""
+    path = shared_media / "video" / name
+    answers = {route: post(server, route, path, ctype="application/octet-stream")
+               for route in ("/v1/localize", "/v1/separate", "/v1/caption")}
+    assert {r: a.status_code for r, a in answers.items()} == {r: 200 for r in answers}, {r: a.text for r, a in answers.items()}
+    n = len(answers["/v1/caption"].json()["clips"])
+    assert n == clips if clips else n >= 1
+    assert answers["/v1/localize"].json()["frames_sampled"] == n * T
+    wavs = _wavs(answers["/v1/separate"].content)
+    assert wavs["speaker_0.wav"] == wavs["speaker_1.wav"] == (16000, n * S)
+
+
 # -- bad input ----------------------------------------------------------------------------------
 
 
