@@ -184,10 +184,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def run(cfg: TrainConfig) -> int:
     import shutil
 
-    import pyarrow as pa
-    import pyarrow.compute as pc
     import ray
-    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -214,21 +211,13 @@ def run(cfg: TrainConfig) -> int:
         ray.init(address=address, include_dashboard=False)
         started = True
     try:
+        import pyarrow.dataset as pads
         import pyarrow.parquet as pq
         present = set(pq.read_schema(next(p for p in sorted(_parts(cfg.data)))).names)
         columns = [c for c in task.columns if c in present]
-        ds = ray.data.read_parquet(cfg.data, columns=columns)
-
-        val_ids = validation_videos(pq.read_table(cfg.data, columns=["video_id"]).column("video_id"),
-                                    cfg.val_fraction)
-
-        def split(val: bool):
-            def keep(t: pa.Table) -> pa.Table:
-                return t.filter(pc.is_in(t.column("video_id"), value_set=val_ids) if val else
-                                pc.invert(pc.is_in(t.column("video_id"), value_set=val_ids)))
-            return ds.map_batches(keep, batch_format="pyarrow", batch_size=None)
-
-        train_ds, val_ds = split(False), split(True)
+        ids = pads.dataset(cfg.data, format="parquet").to_table(columns=["video_id", "__filename"])
+        val_ids = validation_videos(ids.column("video_id"), cfg.val_fraction)
+        train_ds, val_ds = _split(ids, val_ids, columns)
         vocab: tuple[str, ...] = ()
         if cfg.task == "captioning":  # the vocabulary of the training captions, stored in the model config
             from jobs.tasks import CaptioningTask, clip_captions
@@ -274,6 +263,31 @@ def run(cfg: TrainConfig) -> int:
           + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
     print(f"  checkpoint: {os.path.join(run_dir, 'model.pt')}   metrics: {os.path.join(run_dir, 'metrics.jsonl')}")
     return 0
+
+
+def _split(ids, val_ids, columns: list[str]):
+    """(train, validation) Ray Datasets of the clip Parquet. ids: video_id + __filename of every
+    row. When each file holds one video (the clip store's layout, OUT/clips/<video_id>.parquet)
+    each split reads only its own files; otherwise both read everything and filter rows."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray.data
+
+    by_file = ids.group_by("__filename").aggregate([("video_id", "count_distinct"), ("video_id", "min")])
+    if pc.max(by_file.column("video_id_count_distinct")).as_py() == 1:
+        is_val = pc.is_in(by_file.column("video_id_min"), value_set=val_ids)
+        files = by_file.column("__filename")
+        return (ray.data.read_parquet(sorted(files.filter(pc.invert(is_val)).to_pylist()), columns=columns),
+                ray.data.read_parquet(sorted(files.filter(is_val).to_pylist()), columns=columns))
+    ds = ray.data.read_parquet(sorted(set(ids.column("__filename").to_pylist())), columns=columns)
+
+    def rows(val: bool):
+        def keep(t: pa.Table) -> pa.Table:
+            mask = pc.is_in(t.column("video_id"), value_set=val_ids)
+            return t.filter(mask if val else pc.invert(mask))
+        return ds.map_batches(keep, batch_format="pyarrow", batch_size=None)
+
+    return rows(False), rows(True)
 
 
 def _parts(folder: str) -> list[str]:

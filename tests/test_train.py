@@ -136,3 +136,31 @@ def test_train_captioning_builds_vocab_from_clip_captions(clips, tmp_path):
     assert tuple(vocab) == model.cfg.vocab
     metrics = _evaluate("captioning", out, clips, tmp_path / "eval")
     assert {"bleu4_audio", "cider_no_audio", "sounding_object_acc_audio"} <= set(metrics)
+
+
+def test_split_reads_only_each_splits_files_when_files_hold_one_video(ray_local, tmp_path):
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from jobs.train import _split
+
+    one, mixed = tmp_path / "one", tmp_path / "mixed"
+    one.mkdir()
+    mixed.mkdir()
+    for v, n in (("aa", 3), ("bb", 2), ("cc", 4)):
+        pq.write_table(pa.table({"video_id": [v] * n, "x": list(range(n))}), one / f"{v}.parquet")
+    pq.write_table(pa.table({"video_id": ["aa", "aa", "bb"], "x": [0, 1, 2]}), mixed / "p0.parquet")
+    pq.write_table(pa.table({"video_id": ["cc"] * 4, "x": [0, 1, 2, 3]}), mixed / "p1.parquet")
+    val = pa.array(["bb"])
+    for folder in (one, mixed):
+        ids = pads.dataset(str(folder), format="parquet").to_table(columns=["video_id", "__filename"])
+        train, valid = _split(ids, val, ["video_id", "x"])
+        assert sorted(r["video_id"] for r in train.take_all()) == ["aa"] * (3 if folder == one else 2) + ["cc"] * 4
+        assert [r["video_id"] for r in valid.take_all()] == ["bb"] * (2 if folder == one else 1)
+    # one video per file: validation never opens a training file (they are junk now and it still reads)
+    ids = pads.dataset(str(one), format="parquet").to_table(columns=["video_id", "__filename"])
+    train, valid = _split(ids, val, ["video_id", "x"])
+    for v in ("aa", "cc"):
+        (one / f"{v}.parquet").write_bytes(b"not parquet")
+    assert [r["x"] for r in valid.take_all()] == [0, 1]
