@@ -37,7 +37,11 @@ class EvaluateConfig:
 
 
 def _batches(cfg: EvaluateConfig, columns: list[str]) -> Iterator[dict[str, Any]]:
-    """Clip rows as the numpy dicts Ray Data hands to collate functions."""
+    """Clip rows as the numpy dicts Ray Data hands to collate functions, `cfg.batch_size` rows each
+    (the last one may be shorter). pyarrow yields at most batch_size rows per record batch and never
+    spans two files, and a file holds one video's clips, so record batches are re-batched here:
+    separation mixes and localization swaps audio within a batch, which must hold several videos."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
@@ -49,15 +53,29 @@ def _batches(cfg: EvaluateConfig, columns: list[str]) -> Iterator[dict[str, Any]
     if cfg.split == "val":
         val = validation_videos(ds.to_table(columns=["video_id"]).column("video_id"), cfg.val_fraction)
         flt = pc.is_in(pc.field("video_id"), value_set=val)
+
+    def as_numpy(t: pa.Table) -> dict[str, Any]:
+        return {name: t.column(name).combine_chunks().to_numpy(zero_copy_only=False) for name in t.column_names}
+
     left = cfg.limit
+    buf: list = []
+    rows = 0
     for rb in ds.to_batches(columns=cols, filter=flt, batch_size=cfg.batch_size):
         if left is not None:
-            if left <= 0:
-                return
-            rb = rb.slice(0, left)
+            rb = rb.slice(0, max(left, 0))
             left -= rb.num_rows
         if rb.num_rows:
-            yield {name: col.to_numpy(zero_copy_only=False) for name, col in zip(rb.schema.names, rb.columns)}
+            buf.append(rb)
+            rows += rb.num_rows
+        while rows >= cfg.batch_size:
+            table = pa.Table.from_batches(buf)
+            yield as_numpy(table.slice(0, cfg.batch_size))
+            rest = table.slice(cfg.batch_size)
+            buf, rows = rest.to_batches(), rest.num_rows
+        if left is not None and left <= 0:
+            break
+    if rows:
+        yield as_numpy(pa.Table.from_batches(buf))
 
 
 def run(cfg: EvaluateConfig) -> int:

@@ -239,6 +239,17 @@ class LocalizeRunner(Runner):
 
     task = "localization"
 
+    def _heard(self, item: dict[str, Any]) -> torch.Tensor:
+        """What the model hears for each frame of the item: its clip's log-mel, or the
+        `cfg.audio_window_s` seconds around the frame when the model was trained that way.
+        Returns float (C·T, M, N')."""
+        from models.localization import audio_window
+
+        C, T = item["frames"].shape[:2]
+        mel = torch.from_numpy(item["logmel"]).repeat_interleave(T, dim=0)  # (C·T, M, N)
+        centres = ((torch.arange(T, dtype=torch.float64) + 0.5) / T).repeat(C)  # (C·T,)
+        return audio_window(mel, centres, self.cfg.audio_window_s, T / item["fps"])
+
     @torch.no_grad()
     def infer(self, items):
         from models.localization import heatmap
@@ -255,8 +266,7 @@ class LocalizeRunner(Runner):
 
         counts = [it["frames"].shape[0] * it["frames"].shape[1] for it in items]
         frames = torch.cat([torch.from_numpy(it["frames"]).flatten(0, 1) for it in items])  # uint8 (n, H, W, 3)
-        mel = torch.cat([torch.from_numpy(it["logmel"]).repeat_interleave(it["frames"].shape[1], dim=0)
-                         for it in items])  # (n, M, N): each frame with its clip's sound
+        mel = torch.cat([self._heard(it) for it in items])  # (n, M, N'): each frame with its sound
         grid, peak = self._chunked(run, frames, mel)
         return [{"grid": g.cpu().numpy(), "peak": p.cpu().numpy()}
                 for g, p in zip(grid.split(counts), peak.split(counts))]
@@ -397,7 +407,7 @@ class Decoder:
         return {"result": result, "meta": meta}
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})  # three models + decoder + ingress fit 2 CPUs
 class ModelServer:
     """One model; `__call__(item)` goes through `@serve.batch` (args.batching) or alone."""
 

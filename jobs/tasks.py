@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from models.caption_metrics import bleu4, cider, sounding_object_accuracy
 from models.captioning import PRESETS as CAP_PRESETS, caption_loss, decode, encode_batch
-from models.localization import PRESETS as LOC_PRESETS, heatmap, localization_loss
+from models.localization import PRESETS as LOC_PRESETS, audio_window, heatmap, localization_loss
 from models.metrics import auc_success, ciou, ciou_at
 from models.separation import PRESETS as SEP_PRESETS, mix_and_separate_batch, separation_loss
 from models.separation_metrics import si_sdr_improvement, sdr_improvement
@@ -54,7 +54,8 @@ class LocalizationTask:
 
     def collate(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """-> frame float (B, 3, H, W), logmel float (B, M, N), box_mask float (B, H, W) (union
-        of the boxes of the objects sounding in that frame), has_box bool (B,)."""
+        of the boxes of the objects sounding in that frame), has_box bool (B,), frame_centre float
+        (B,) (the frame's time as a fraction of the clip) and clip_seconds float (B,)."""
         b = decode_clip_batch(batch)
         frames = _frames_float(b["frames"])  # (B, T, 3, H, W)
         B, T, _, H, W = frames.shape
@@ -72,10 +73,16 @@ class LocalizationTask:
                 masks[i, int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))] = 1.0
             has_box[i] = bool(t.sounding[mid].any())
         return {"frame": frames[:, mid], "logmel": torch.from_numpy(np.ascontiguousarray(b["logmel"])),
-                "box_mask": masks, "has_box": has_box}
+                "box_mask": masks, "has_box": has_box, "frame_centre": torch.full((B,), (mid + 0.5) / T),
+                "clip_seconds": torch.from_numpy(T / b["fps"].astype(np.float64)).float()}
+
+    @staticmethod
+    def mel(batch: dict[str, torch.Tensor], cfg) -> torch.Tensor:
+        """The log-mel the model hears for the batch's frame: `cfg.audio_window_s` around it."""
+        return audio_window(batch["logmel"], batch["frame_centre"], cfg.audio_window_s, batch["clip_seconds"])
 
     def step(self, model, batch, cfg, gen=None) -> dict[str, torch.Tensor]:
-        out = model(batch["frame"], batch["logmel"])
+        out = model(batch["frame"], self.mel(batch, cfg))
         grid_hw = out["attention"].shape[-2:]
         cell_masks = F.adaptive_avg_pool2d(batch["box_mask"][:, None], grid_hw)[:, 0]  # (B, h, w)
         return localization_loss(out, cfg, cell_masks, batch["has_box"])
@@ -83,28 +90,35 @@ class LocalizationTask:
     @torch.no_grad()
     def evaluate(self, model, batches: Iterable[dict[str, torch.Tensor]], cfg) -> dict[str, float]:
         """cIoU@0.5 and AUC against the sounding objects' boxes, with the clip's own audio, with
-        another clip's audio (batch rolled by one) and with silence."""
-        scores: dict[str, list[torch.Tensor]] = {"own": [], "other": [], "silent": []}
+        another clip's audio (batch rolled by half its size) and with silence. `ciou50_*` / `auc_*`:
+        Senocak's rule (the localization map `heatmap`, min-max normalised, > 0.5); `*_lvs`: the
+        LVS/EZ-VSL rule (the same map > its median); `*_attention`: Senocak's rule on the softmax
+        attention map (sharper by 1 / temperature). See models/metrics.py."""
+        rules = {"": ("sim", "value"), "_lvs": ("sim", "quantile"), "_attention": ("attention", "value")}
+        scores: dict[tuple[str, str], list[torch.Tensor]] = {
+            (name, suffix): [] for name in ("own", "other", "silent") for suffix in rules}
         for batch in batches:
             keep = batch["has_box"]
             if not keep.any():
                 continue
-            frame, mel, gt = batch["frame"][keep], batch["logmel"][keep], batch["box_mask"][keep] > 0.5
+            frame, mel, gt = batch["frame"][keep], self.mel(batch, cfg)[keep], batch["box_mask"][keep] > 0.5
             silence = torch.full_like(mel, float(mel.min()))
-            variants = {"own": mel, "other": mel.roll(1, dims=0), "silent": silence}
+            # another clip's audio: half a batch away (clips of one video are adjacent in the files)
+            variants = {"own": mel, "other": mel.roll(max(1, len(mel) // 2), dims=0), "silent": silence}
             if len(mel) < 2:
                 variants.pop("other")
             for name, m in variants.items():
-                scores[name].append(ciou(heatmap(model(frame, m), frame.shape[-2:]), gt))
+                out = model(frame, m)
+                for suffix, (source, rule) in rules.items():
+                    scores[(name, suffix)].append(ciou(heatmap(out, frame.shape[-2:], source), gt, 0.5, binarize=rule))
         res: dict[str, float] = {}
-        for name, parts in scores.items():
+        for (name, suffix), parts in scores.items():
             if parts:
                 c = torch.cat(parts)
-                res[f"ciou50_{name}_audio"] = ciou_at(c, 0.5)
-                res[f"auc_{name}_audio"] = auc_success(c)
-        res["clips_with_box"] = float(sum(len(p) for p in scores["own"]))
+                res[f"ciou50_{name}_audio{suffix}"] = ciou_at(c, 0.5)
+                res[f"auc_{name}_audio{suffix}"] = auc_success(c)
+        res["clips_with_box"] = float(sum(len(p) for p in scores[("own", "")]))
         return res
-
 
     @torch.no_grad()
     def figure(self, model, batch: dict[str, torch.Tensor], cfg, path: str, n: int = 4) -> None:
@@ -114,7 +128,7 @@ class LocalizationTask:
         keep = torch.nonzero(batch["has_box"]).flatten()[:n]
         if len(keep) == 0:
             keep = torch.arange(min(n, len(batch["frame"])))
-        frame, mel, box = batch["frame"][keep], batch["logmel"][keep], batch["box_mask"][keep]
+        frame, mel, box = batch["frame"][keep], self.mel(batch, cfg)[keep], batch["box_mask"][keep]
         maps = {"own audio": heatmap(model(frame, mel), frame.shape[-2:]),
                 "silence": heatmap(model(frame, torch.full_like(mel, float(mel.min()))), frame.shape[-2:])}
         fig, axes = plt.subplots(len(keep), 2, figsize=(6, 3 * len(keep)), squeeze=False)

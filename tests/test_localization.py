@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from models.encoders import AudioEncoderConfig, VisualEncoderConfig
 from models.localization import (PRESETS, LocalizationConfig, SoundLocalizer, attention_supervision_loss,
-                                 boxes_to_mask, heatmap, infonce_loss, localization_loss, triplet_loss)
+                                 audio_window, boxes_to_mask, heatmap, infonce_loss, localization_loss,
+                                 triplet_loss)
 
 B, H, W = 3, 67, 67
 M, N = 64, 37
@@ -224,3 +225,19 @@ def test_training_triplet_with_supervised_attention():
     losses, right, other = _train(_toy_config(loss="triplet", attention_weight=1.0), steps=60, supervised=True)
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.3
     assert right > 0.7 and other < 0.1, (right, other)
+
+
+def test_audio_window_hand_values():
+    mel = torch.arange(21.0).reshape(1, 1, 21).repeat(2, 3, 1)  # (2, 3, 21): frame index as value, 2 s clips
+    # 0.5 s of a 2 s clip = round(21 / 4) = 5 frames, centred on frame 8.5 / 16 of the clip:
+    # start = round(0.53125 * 21 - 2.5) = round(8.66) = 9 -> frames 9..13
+    out = audio_window(mel, 8.5 / 16, 0.5, 2.0)
+    assert out.shape == (2, 3, 5) and out[0, 0].tolist() == [9.0, 10.0, 11.0, 12.0, 13.0]
+    # per-sample centres; windows are shifted inside the clip at its edges
+    out = audio_window(mel, torch.tensor([0.0, 1.0]), 0.5, torch.tensor([2.0, 2.0]))
+    assert out[0, 2].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0] and out[1, 1].tolist() == [16.0, 17.0, 18.0, 19.0, 20.0]
+    # 0 s (the default) and windows longer than the clip return the whole clip
+    assert torch.equal(audio_window(mel, 0.5, 0.0, 2.0), mel)
+    assert torch.equal(audio_window(mel, 0.5, 5.0, 2.0), mel)
+    with pytest.raises(ValueError):
+        LocalizationConfig(audio_window_s=-1.0)

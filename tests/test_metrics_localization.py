@@ -1,4 +1,5 @@
-"""cIoU / cIoU@0.5 / AUC against hand-computed examples (LVS evaluation rule, see models/metrics.py)."""
+"""cIoU / cIoU@0.5 / AUC against hand-computed examples (Senocak value threshold and LVS quantile rule,
+see models/metrics.py)."""
 import numpy as np
 import pytest
 import torch
@@ -58,6 +59,40 @@ def test_ciou_matches_a_literal_port_of_the_lvs_rule():
         expected.append(np.sum(infer * gt[i]) / (np.sum(gt[i]) + np.sum(infer * (gt[i] == 0))))
     got = ciou(torch.from_numpy(heat), torch.from_numpy(gt).bool())
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+
+
+def test_ciou_value_mode_hand_values():
+    # Senocak: min-max normalised RAMP is k / 15; > 0.5 <=> k >= 8: exactly the bottom half (8 pixels)
+    assert ciou(RAMP, _mask(rows=slice(2, 4)), binarize="value").tolist() == [1.0]
+    # right half: inter {10, 11, 14, 15} = 4; predicted outside G {8, 9, 12, 13} = 4 -> 4 / (8 + 4)
+    assert ciou(RAMP, _mask(cols=slice(2, 4)), binarize="value").tolist() == [pytest.approx(1 / 3)]
+    # tau 0.25: k / 15 > 0.25 <=> k >= 4 -> 12 pixels; bottom half: 8 / (8 + 4)
+    assert ciou(RAMP, _mask(rows=slice(2, 4)), 0.25, binarize="value").tolist() == [pytest.approx(2 / 3)]
+    # k / 15 > 0.5 is strict: with values 0..2 (normalised 0, 0.5, 1) the middle value is not predicted
+    three = torch.tensor([[[0.0, 1.0, 2.0]]])
+    assert ciou(three, torch.tensor([[[False, True, True]]]), binarize="value").tolist() == [0.5]
+
+
+def test_ciou_value_mode_is_invariant_to_offset_and_scale_and_predicts_small_regions():
+    # a 2 x 2 bright block on a dim background, exactly on the box: IoU 1 in value mode; the quantile
+    # rule predicts the 7 pixels above the upper median (4 box + 3 background) -> 4 / 7
+    heat = torch.zeros(1, 4, 4)
+    heat[0, 1:3, 1:3] = 1.0
+    heat = heat + 0.01 * torch.arange(16.0).reshape(1, 4, 4)  # break ties: background 0..0.15, box 1.05..1.1
+    box = _mask(rows=slice(1, 3), cols=slice(1, 3))
+    assert ciou(heat, box, binarize="value").tolist() == [1.0]
+    assert ciou(heat * 7 - 3, box, binarize="value").tolist() == [1.0]
+    assert ciou(heat, box).tolist() == [pytest.approx(4 / 7)]
+    # a constant map predicts nothing; empty G and empty prediction give 0, not NaN
+    assert ciou(torch.full((1, 4, 4), 3.0), box, binarize="value").tolist() == [0.0]
+    assert ciou(torch.zeros(1, 4, 4), torch.zeros(1, 4, 4, dtype=torch.bool), binarize="value").tolist() == [0.0]
+    # batched == stacked single calls
+    heats = torch.cat([RAMP, heat, RAMP.flip(-1)])
+    gts = torch.cat([_mask(rows=slice(2, 4)), box, _mask(cols=slice(0, 2))])
+    assert ciou(heats, gts, binarize="value").tolist() == [
+        ciou(heats[i : i + 1], gts[i : i + 1], binarize="value").item() for i in range(3)]
+    with pytest.raises(ValueError):
+        ciou(RAMP, _mask(), binarize="median")
 
 
 def test_ciou_at():
