@@ -360,7 +360,7 @@ def overlay_png(frames: np.ndarray, grids: np.ndarray, fps: float) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------
-# Deployments (ray.serve imported here only: the plain pieces above work without Ray)
+# Deployments: the Ray Serve side (the pieces above use no Ray and run in any process)
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile  # noqa: E402
 from fastapi.responses import Response  # noqa: E402
