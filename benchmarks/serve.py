@@ -33,8 +33,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import write_section  # noqa: E402
+from jobs.serve import ROUTES  # noqa: E402  (light: no Ray or torch at import)
 
-ROUTES = {"localize": "localization", "separate": "separation", "caption": "captioning"}
 CLIP_SETTINGS = {"clip_seconds": 2.0, "fps": 8.0, "size": 96, "sample_rate": 16000, "n_fft": 512,
                  "win_length": 400, "hop_length": 160, "n_mels": 64, "resize": "crop", "hop_seconds": None}
 
@@ -68,14 +68,13 @@ def direct(route: str, path: str, data: bytes, n: int, seconds: float) -> dict[s
 
     task = ROUTES[route]
     runner = RUNNERS[task](path)
-    spec = clip_spec(runner.ckpt, AppArgs(**{task: path}), "letterbox" if task == "separation" else "crop")
-    speakers = getattr(runner.cfg, "num_speakers", 0)
+    spec = clip_spec(runner.ckpt, AppArgs(**{task: path}))
 
     def one() -> None:
-        runner.infer([prepare(task, data, spec, speakers=speakers)])
+        runner.infer([prepare(data, spec)])
 
     # the ceiling of what @serve.batch can gain: the model alone on 16 requests, batched vs one by one
-    item = prepare(task, data, spec, speakers=speakers)
+    item = prepare(data, spec)
     singles, batched = [], []
     for _ in range(3):
         t0 = time.perf_counter()

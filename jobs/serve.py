@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_config.yaml")
 TASKS = ("localization", "separation", "captioning")
+ROUTES = {"localize": "localization", "separate": "separation", "caption": "captioning"}  # /v1/<route> -> task
+DEPLOYMENT = {"localization": "Localizer", "separation": "Separator", "captioning": "Captioner"}  # names in the config
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,8 @@ class AppArgs:
 
     def __post_init__(self) -> None:
         if not any(getattr(self, t) for t in TASKS):
-            raise ValueError("give at least one checkpoint: --localization, --separation or --captioning")
+            raise ValueError("give at least one checkpoint: --localization, --separation or --captioning "
+                             "(make demo trains tiny ones under demo/runs)")
         for t in TASKS:
             path = getattr(self, t)
             if path and not os.path.isfile(path):
@@ -136,10 +139,7 @@ def run(cfg: ServeConfig) -> int:
         args.update({t: getattr(cfg, t) for t in TASKS})
     overrides = {k: getattr(cfg, k) for k in ("token", "max_upload_mb", "max_seconds", "batching")}
     args.update({k: v for k, v in overrides.items() if v is not None})
-    if not any(args.get(t) for t in TASKS):
-        raise ValueError("give at least one checkpoint: --localization, --separation or --captioning "
-                         "(make demo trains tiny ones under demo/runs)")
-    app = application(args, app_cfg.get("deployments"))  # bad args fail here, before Ray starts
+    served = AppArgs.from_dict(args)  # bad args fail here, before Ray starts
     http = dict(raw.get("http_options") or {})
     http.update(host=cfg.host, port=cfg.port)
     if cfg.request_timeout_s is not None:
@@ -153,11 +153,11 @@ def run(cfg: ServeConfig) -> int:
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         serve.start(http_options=http)
+        app = application(args, app_cfg.get("deployments"))  # after ray.init: use_gpu auto looks at the cluster
         serve.run(app, name=app_cfg.get("name", "avray"), route_prefix=app_cfg.get("route_prefix", "/"))
-        routes = [f"/v1/{r}" for r, t in (("localize", "localization"), ("separate", "separation"),
-                                          ("caption", "captioning")) if args.get(t)]
+        routes = [f"/v1/{r}" for r, t in ROUTES.items() if getattr(served, t)]
         print(f"avray serve: http://{cfg.host}:{cfg.port}  routes: {', '.join(routes)}, /healthz, /v1/models, /docs"
-              + ("  (bearer token required)" if args.get("token") or os.environ.get("AVRAY_TOKEN") else ""), flush=True)
+              + ("  (bearer token required)" if served.token else ""), flush=True)
         print("  Ctrl-C stops", flush=True)
         while not stop.wait(1.0):
             pass

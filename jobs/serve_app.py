@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.serve import AppArgs
+from jobs.serve import DEPLOYMENT, TASKS, AppArgs
 from models.checkpoint import load_checkpoint
 from pipelines.decode import (DecodeConfig, MediaError, MediaReader, MediaTooLarge, MediaTooLong, TooShort,
                               _resize_plan, read_image)
@@ -64,32 +64,39 @@ class RequestError(Exception):
 
 @dataclass(frozen=True)
 class ClipSpec:
-    """How to decode an upload for one model: the decoder and log-mel settings of its training clips."""
+    """How to turn an upload into one model's input: its task, the decoder and log-mel settings of
+    its training clips, and (separation) how many speakers it separates."""
 
+    task: str
     decode: DecodeConfig
     spectrogram: SpectrogramConfig
+    speakers: int = 0
 
 
-def clip_spec(ckpt: dict[str, Any], args: AppArgs, resize: str = "crop") -> ClipSpec:
+def clip_spec(ckpt: dict[str, Any], args: AppArgs) -> ClipSpec:
     """The ClipSpec of a checkpoint: its `extra["clip_settings"]` (avray preprocess's
     `_config.json`, stored by avray train), else the defaults of avray preprocess with the
-    model's `image_size`; limits from `args`."""
+    model's `image_size`; limits from `args`. Separation crops speaker boxes from the whole
+    picture, so its frames are letterboxed, never cropped."""
+    task = ckpt["model"]
     s = ckpt["extra"].get("clip_settings") or {}
     size = int(s.get("size") or ckpt["config"].get("image_size") or DecodeConfig.size)
     dec = DecodeConfig(clip_seconds=float(s.get("clip_seconds", DecodeConfig.clip_seconds)),
-                       fps=float(s.get("fps", DecodeConfig.fps)), size=size, resize=resize,
+                       fps=float(s.get("fps", DecodeConfig.fps)), size=size,
+                       resize="letterbox" if task == "separation" else "crop",
                        sample_rate=int(s.get("sample_rate", DecodeConfig.sample_rate)),
                        max_pixels=args.max_pixels, max_seconds=args.max_seconds)
     spec_fields = {f.name for f in dataclasses.fields(SpectrogramConfig)}
     spec = SpectrogramConfig(**{k: v for k, v in s.items() if k in spec_fields})
-    return ClipSpec(dec, spec)
+    return ClipSpec(task, dec, spec, int(ckpt["config"].get("num_speakers", 0)))
 
 
-def decode_upload(data: bytes, spec: ClipSpec, *, need_audio: bool, image_ok: bool = False) -> dict[str, Any]:
+def decode_upload(data: bytes, spec: ClipSpec, *, need_audio: bool, image_ok: bool = False,
+                  with_mel: bool = True) -> dict[str, Any]:
     """Upload bytes -> clips as the model's training data had them.
 
     Returns frames uint8 (C, T, H, W, 3), audio float32 (C, S), logmel float32 (C, M, N) or None
-    (no audio stream, or a still image), starts (C,) seconds, image (bool) and info (source
+    (no audio stream, a still image, or not `with_mel`), starts (C,) seconds, image (bool) and info (source
     width/height as displayed, rotation). A still image (when `image_ok`) is one clip whose T
     frames all show it. Raises RequestError (413: over a limit; 422: not usable media).
     """
@@ -116,7 +123,7 @@ def decode_upload(data: bytes, spec: ClipSpec, *, need_audio: bool, image_ok: bo
     if need_audio and not info.has_audio:
         raise RequestError(422, "the video has no audio stream, and this route needs its sound")
     audio = np.stack([c.audio for c in clips])  # (C, S)
-    mel = log_mel(torch.from_numpy(audio), spec.spectrogram).numpy() if info.has_audio else None  # (C, M, N)
+    mel = log_mel(torch.from_numpy(audio), spec.spectrogram).numpy() if info.has_audio and with_mel else None  # (C, M, N)
     return {"frames": np.stack([c.frames for c in clips]), "audio": audio, "logmel": mel,
             "starts": [c.start_s for c in clips], "image": False,
             "info": {"width": info.src_width, "height": info.src_height, "rotation": info.rotation,
@@ -164,17 +171,19 @@ def speaker_faces(frames: np.ndarray, boxes: list[list[float]], width: int, heig
     return torch.stack(crops, dim=1).numpy()  # (C, K, T, 3, s, s)
 
 
-def prepare(task: str, data: bytes, spec: ClipSpec, *, speakers: int = 0, boxes: str | None = None,
-            beam_size: int = 1) -> dict[str, Any]:
-    """One request's work before the model: decode the upload as the model's training clips were
-    made and add the task's inputs. Returns the model's item (see the Runners) plus `starts`,
-    `info`, `fps`, `sample_rate`, `frames_per_clip`; localization adds `view` (the crop's plan),
-    separation `boxes` and `faces` (frames dropped). Raises RequestError."""
-    d = decode_upload(data, spec, need_audio=task != "captioning", image_ok=task == "captioning")
+def prepare(data: bytes, spec: ClipSpec, *, boxes: str | None = None, beam_size: int = 1) -> dict[str, Any]:
+    """One request's work before `spec.task`'s model: decode the upload as the model's training
+    clips were made and add the task's inputs. Returns the model's item (see the Runners) plus
+    `starts`, `info`, `fps`, `sample_rate`, `frames_per_clip`; localization adds `view` (the
+    crop's plan), separation `boxes` and `faces` (frames dropped; no log-mel: the separator
+    computes its own STFT). Raises RequestError."""
+    task = spec.task
+    d = decode_upload(data, spec, need_audio=task != "captioning", image_ok=task == "captioning",
+                      with_mel=task != "separation")
     d.update(fps=spec.decode.fps, sample_rate=spec.decode.sample_rate, frames_per_clip=d["frames"].shape[1])
     w, h = d["info"]["width"], d["info"]["height"]
     if task == "separation":
-        d["boxes"] = parse_boxes(boxes, speakers, w, h)
+        d["boxes"] = parse_boxes(boxes, spec.speakers, w, h)
         d["faces"] = speaker_faces(d.pop("frames"), d["boxes"], w, h)
     elif task == "localization":
         sw, _, y0, x0 = _resize_plan(w, h, 0, spec.decode)
@@ -362,6 +371,11 @@ def overlay_png(frames: np.ndarray, grids: np.ndarray, fps: float) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Deployments: the Ray Serve side (the pieces above use no Ray and run in any process)
 
+
+def _present(**handles) -> dict[str, Any]:
+    """task -> DeploymentHandle of the models being served (those given, in TASKS order)."""
+    return {t: handles[t] for t in TASKS if handles.get(t) is not None}
+
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile  # noqa: E402
 from fastapi.responses import Response  # noqa: E402
 from ray import serve  # noqa: E402
@@ -377,23 +391,15 @@ class Decoder:
 
     def __init__(self, args: dict[str, Any], localization=None, separation=None, captioning=None) -> None:
         self.args = AppArgs.from_dict(args)
-        self.models = {t: h for t, h in (("localization", localization), ("separation", separation),
-                                         ("captioning", captioning)) if h is not None}
-        self.specs: dict[str, ClipSpec] = {}
-        self.speakers = 0
-        for task in self.models:
-            ckpt = torch.load(getattr(self.args, task), map_location="cpu", weights_only=True)
-            # separation crops speaker boxes from the whole picture: letterbox, never crop
-            self.specs[task] = clip_spec(ckpt, self.args, "letterbox" if task == "separation" else "crop")
-            if task == "separation":
-                self.speakers = int(ckpt["config"]["num_speakers"])
+        self.models = _present(localization=localization, separation=separation, captioning=captioning)
+        self.specs = {task: clip_spec(torch.load(getattr(self.args, task), map_location="cpu", weights_only=True),
+                                      self.args) for task in self.models}
 
     async def __call__(self, task: str, data: bytes, boxes: str | None = None, beam_size: int = 1,
                        overlay: bool = False) -> dict[str, Any]:
         """-> {"result": the model's answer, "meta": ...}, or {"error": (status, message)}."""
         try:
-            d = await asyncio.to_thread(prepare, task, data, self.specs[task], speakers=self.speakers,
-                                        boxes=boxes, beam_size=beam_size)
+            d = await asyncio.to_thread(prepare, data, self.specs[task], boxes=boxes, beam_size=beam_size)
         except RequestError as e:
             return {"error": (e.status, e.message)}
         try:
@@ -447,8 +453,7 @@ class Ingress:
     def __init__(self, args: dict[str, Any], decoder, localization=None, separation=None, captioning=None) -> None:
         self.args = AppArgs.from_dict(args)
         self.decoder = decoder
-        self.models = {t: h for t, h in (("localization", localization), ("separation", separation),
-                                         ("captioning", captioning)) if h is not None}
+        self.models = _present(localization=localization, separation=separation, captioning=captioning)
         self.max_bytes = int(self.args.max_upload_mb * 1024 * 1024)
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -579,7 +584,6 @@ def build(args: AppArgs, deployments: list[dict[str, Any]]):
             o.setdefault("ray_actor_options", {}).setdefault("num_gpus", 0.25)
         return ModelServer.options(name=name, **o).bind(task, plain)
 
-    handles = {t: model(t, name) for t, name in (("localization", "Localizer"), ("separation", "Separator"),
-                                                 ("captioning", "Captioner")) if getattr(args, t)}
+    handles = {t: model(t, DEPLOYMENT[t]) for t in TASKS if getattr(args, t)}
     decoder = Decoder.options(**opts.get("Decoder", {})).bind(plain, **handles)
     return Ingress.options(**opts.get("Ingress", {})).bind(plain, decoder, **handles)

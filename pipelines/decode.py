@@ -230,6 +230,11 @@ def _to_rgb(frame: av.VideoFrame, plan: tuple[int, int, int, int], rotation: int
     return out
 
 
+def _check_pixels(width: int, height: int, cfg: DecodeConfig) -> None:
+    if width * height > cfg.max_pixels:
+        raise MediaTooLarge(f"{width}x{height} exceeds --max-pixels {cfg.max_pixels}")
+
+
 def read_image(source: str | BinaryIO, cfg: DecodeConfig) -> np.ndarray:
     """The first picture of an image (PNG, JPEG, ...) or video, resized as clips are: uint8
     (size, size, 3). Raises `MediaError` subclasses like `MediaReader`."""
@@ -238,8 +243,7 @@ def read_image(source: str | BinaryIO, cfg: DecodeConfig) -> np.ndarray:
         v = container.streams.best("video")
         if v is None:
             raise NoVideoStream("no picture in it")
-        if v.codec_context.width * v.codec_context.height > cfg.max_pixels:
-            raise MediaTooLarge(f"{v.codec_context.width}x{v.codec_context.height} exceeds max_pixels {cfg.max_pixels}")
+        _check_pixels(v.codec_context.width, v.codec_context.height, cfg)
         for frame in container.decode(v):
             rotation = _rotation(frame)
             return _to_rgb(frame, _resize_plan(frame.width, frame.height, rotation, cfg), rotation, cfg)
@@ -282,8 +286,7 @@ class MediaReader:
             if s is not None:
                 s.codec_context.thread_count = self.cfg.threads
         width, height = v.codec_context.width, v.codec_context.height
-        if width * height > self.cfg.max_pixels:
-            raise MediaTooLarge(f"{width}x{height} exceeds --max-pixels {self.cfg.max_pixels}")
+        _check_pixels(width, height, self.cfg)
         declared = None
         if v.duration is not None and v.time_base is not None:
             declared = float(v.duration * v.time_base)

@@ -394,10 +394,9 @@ def test_runner_batches_and_chunks_like_single_requests(task, tmp_path, media):
 
     path = tiny_checkpoints(tmp_path, CLIP, ["a red circle on the left hums"])[task]
     runner = RUNNERS[task](path)
-    spec = clip_spec(runner.ckpt, AppArgs(**{task: path}), "letterbox" if task == "separation" else "crop")
-    speakers = getattr(runner.cfg, "num_speakers", 0)
-    items = [prepare(task, Path(media["scene"]).read_bytes(), spec, speakers=speakers),
-             prepare(task, (FIXTURES / "grid_brbk7n.mpg").read_bytes(), spec, speakers=speakers,
+    spec = clip_spec(runner.ckpt, AppArgs(**{task: path}))
+    items = [prepare(Path(media["scene"]).read_bytes(), spec),
+             prepare((FIXTURES / "grid_brbk7n.mpg").read_bytes(), spec,
                      boxes="[[0, 0, 100, 288], [100, 0, 360, 288]]")]
     alone = [runner.infer([it])[0] for it in items]
     runner.max_rows = 3
