@@ -33,7 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import write_section  # noqa: E402
-from jobs.serve import ROUTES  # noqa: E402  (light: no Ray or torch at import)
+from jobs.serve import ROUTES, serve_env  # noqa: E402  (light: no Ray or torch at import)
 
 CLIP_SETTINGS = {"clip_seconds": 2.0, "fps": 8.0, "size": 96, "sample_rate": 16000, "n_fft": 512,
                  "win_length": 400, "hop_length": 160, "n_mels": 64, "resize": "crop", "hop_seconds": None}
@@ -102,6 +102,7 @@ async def _load(url: str, data: bytes, c: int, n: int, seconds: float) -> dict[s
     import aiohttp
 
     lat: list[float] = []
+    timings: list[dict[str, float]] = []
     codes: dict[int, int] = {}
     stop = time.perf_counter() + seconds
 
@@ -114,6 +115,7 @@ async def _load(url: str, data: bytes, c: int, n: int, seconds: float) -> dict[s
             codes[r.status] = codes.get(r.status, 0) + 1
         if r.status == 200:
             lat.append(time.perf_counter() - t0)
+            timings.append(server_timing(r.headers["Server-Timing"]))
 
     async def worker(session, budget: list[int]) -> None:
         while budget[0] > 0 and time.perf_counter() < stop:
@@ -124,6 +126,7 @@ async def _load(url: str, data: bytes, c: int, n: int, seconds: float) -> dict[s
         for _ in range(4):  # warm-up
             await one(session)
         lat.clear()
+        timings.clear()
         codes.clear()
         budget = [n]
         t0 = time.perf_counter()
@@ -131,7 +134,17 @@ async def _load(url: str, data: bytes, c: int, n: int, seconds: float) -> dict[s
         wall = time.perf_counter() - t0
     if codes.get(200, 0) != sum(codes.values()):
         raise RuntimeError(f"non-200 answers during the benchmark: {codes}")
-    return {"rps": len(lat) / wall, "p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99), "n": len(lat)}
+    parts = {k: statistics.median(t[k] for t in timings) for k in timings[0]}
+    return {"rps": len(lat) / wall, "p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99), "n": len(lat), "parts": parts}
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """'decoder;dur=12.5, ..., batch;desc="3"' -> {"decoder": 12.5, ..., "batch": 3.0} (ms; batch: requests)."""
+    out = {}
+    for part in header.split(","):
+        name, _, value = part.strip().partition(";")
+        out[name] = float(value.split("=", 1)[1].strip('"'))
+    return out
 
 
 def run_serve(ckpts: dict[str, str], data: bytes, routes: list[str], conc: list[int], batching: bool,
@@ -146,7 +159,7 @@ def run_serve(ckpts: dict[str, str], data: bytes, routes: list[str], conc: list[
                     "ray_actor_options": {"num_cpus": 0.5}}]
     deployments += [{"name": name, "num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": -1,
                      "ray_actor_options": {"num_cpus": 0.25}} for name in ("Localizer", "Separator", "Captioner")]
-    args = {**ckpts, "batching": batching, "max_batch_size": 16, "batch_wait_ms": 5.0}
+    args = {**ckpts, "batching": batching, "max_batch_size": 16}
     serve.run(application(args, deployments), name="bench", route_prefix="/")
     out = {}
     for route in routes:
@@ -170,6 +183,7 @@ def main() -> None:
     ap.add_argument("--write", type=Path, help="update this Markdown file's serve section")
     a = ap.parse_args()
 
+    serve_env()  # avray serve's Serve mode, before Ray starts
     import ray
     import torch
     from ray import serve
@@ -217,6 +231,17 @@ def main() -> None:
         gain = batched[(route, cmax)]["rps"] / unbatched[(route, cmax)]["rps"]
         lines.append(f"| {route} | {over:+.1f} ms | **{gain:.2f}x** | {base[route]['model_gain']:.2f}x | "
                      f"{batched[(route, cmax)]['rps'] / base[route]['rps']:.2f}x |")
+    if 1 in a.concurrency:
+        lines += ["", "Where a request's time goes, serve with @serve.batch at c = 1 (medians over the requests, ms, from the "
+                      "`Server-Timing` header the service sends; HTTP + ingress = client latency − decoder round trip; "
+                      f"last column: median requests per forward pass at c = {cmax}):", "",
+                  "| route | client p50 | HTTP + ingress | decoder hop | decode | model hop | forward pass | requests per batch, "
+                  f"c = {cmax} |", "|---|---|---|---|---|---|---|---|"]
+        for route in a.routes:
+            r, t = batched[(route, 1)], batched[(route, 1)]["parts"]
+            lines.append(f"| {route} | {r['p50'] * 1000:.1f} | {r['p50'] * 1000 - t['decoder']:.1f} | "
+                         f"{t['decoder'] - t['decode'] - t['model']:.1f} | {t['decode']:.1f} | {t['model'] - t['inference']:.1f} | "
+                         f"{t['inference']:.1f} | {batched[(route, cmax)]['parts']['batch']:g} |")
     md = "\n".join(lines)
     print(md)
     if a.write:

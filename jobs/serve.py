@@ -33,6 +33,21 @@ ROUTES = {"localize": "localization", "separate": "separation", "caption": "capt
 DEPLOYMENT = {"localization": "Localizer", "separation": "Separator", "captioning": "Captioner"}  # names in the config
 
 
+# Ray Serve's documented high-throughput mode (Ray >= 2.56): replicas talk to each other over direct
+# gRPC instead of through the object store, which roughly halves the cost of each hop that carries
+# a clip's arrays. Direct ingress (replicas listening on their own ports, no proxy) stays off: the
+# proxy is what binds --host/--port. Read by Ray's processes when they start, so set before a local
+# Ray starts (avray serve, the tests and the benchmark do); on a cluster, in `ray start`'s
+# environment (cluster.yaml). Values already in the environment win.
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+
+
+def serve_env() -> None:
+    """Put SERVE_ENV into os.environ (not overriding what is set) for a Ray started after this."""
+    for k, v in SERVE_ENV.items():
+        os.environ.setdefault(k, v)
+
+
 @dataclass(frozen=True)
 class AppArgs:
     """The application's arguments: `args:` of the Serve config file, or avray serve's options."""
@@ -46,7 +61,8 @@ class AppArgs:
     token: str | None = None         # bearer token for /v1 routes (None: open)
     batching: bool = True            # @serve.batch on model calls (False: one request per call)
     max_batch_size: int = 16         # requests per model call when batching
-    batch_wait_ms: float = 2.0       # how long a batch waits to fill (a lone request waits this long)
+    batch_wait_ms: float = 0.0       # how long a batch waits to fill (a lone request waits this long); 0: a
+                                     # batch is what queued up while the previous one ran
     use_gpu: str = "auto"            # auto: model deployments take a GPU share when the cluster has GPUs
 
     def __post_init__(self) -> None:
@@ -129,6 +145,7 @@ def run(cfg: ServeConfig) -> int:
     import signal
     import threading
 
+    serve_env()  # before Ray (and ray.serve's constants) are imported and a local Ray starts
     import ray
     from ray import serve
 

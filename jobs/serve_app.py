@@ -26,6 +26,7 @@ import hmac
 import io
 import json
 import logging
+import time
 import warnings
 import wave
 import zipfile
@@ -205,6 +206,7 @@ class Runner(abc.ABC):
     """A checkpoint loaded for inference. `infer(items)` -> one result per item."""
 
     task = ""
+    inputs: tuple[str, ...] = ()  # the keys of a prepared request that infer() reads (all that is sent to it)
 
     def __init__(self, path: str, device: torch.device | None = None) -> None:
         self.path, self.device = path, device or _device()
@@ -247,6 +249,7 @@ class LocalizeRunner(Runner):
     pixels of the heatmap at frame resolution."""
 
     task = "localization"
+    inputs = ("frames", "logmel", "fps")
 
     def _heard(self, item: dict[str, Any]) -> torch.Tensor:
         """What the model hears for each frame of the item: its clip's log-mel, or the
@@ -286,6 +289,7 @@ class SeparateRunner(Runner):
     speaker's track over the clips in order."""
 
     task = "separation"
+    inputs = ("audio", "faces")
 
     @torch.no_grad()
     def infer(self, items):
@@ -305,6 +309,7 @@ class CaptionRunner(Runner):
     caption per clip. Items with the same beam size and audio presence run as one batch."""
 
     task = "captioning"
+    inputs = ("frames", "logmel", "beam_size")
 
     @torch.no_grad()
     def infer(self, items):
@@ -377,7 +382,7 @@ def _present(**handles) -> dict[str, Any]:
     return {t: handles[t] for t in TASKS if handles.get(t) is not None}
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile  # noqa: E402
-from fastapi.responses import Response  # noqa: E402
+from fastapi.responses import JSONResponse, Response  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.serve.exceptions import BackPressureError  # noqa: E402
 
@@ -397,20 +402,25 @@ class Decoder:
 
     async def __call__(self, task: str, data: bytes, boxes: str | None = None, beam_size: int = 1,
                        overlay: bool = False) -> dict[str, Any]:
-        """-> {"result": the model's answer, "meta": ...}, or {"error": (status, message)}."""
+        """-> {"result": the model's answer, "meta": ...}, or {"error": (status, message)}. meta["timing"]:
+        milliseconds spent decoding, waiting for the model deployment, and in its forward pass."""
+        t0 = time.perf_counter()
         try:
             d = await asyncio.to_thread(prepare, data, self.specs[task], boxes=boxes, beam_size=beam_size)
         except RequestError as e:
             return {"error": (e.status, e.message)}
-        try:
-            result = await self.models[task].remote(d)
+        t1 = time.perf_counter()
+        try:  # only what the model reads travels to it
+            out = await self.models[task].remote({k: d[k] for k in RUNNERS[task].inputs})
         except BackPressureError as e:
             return {"error": (503, f"overloaded, retry later ({e.message})")}
         meta = {k: d[k] for k in ("starts", "info", "fps", "sample_rate", "frames_per_clip", "view", "boxes") if k in d}
+        meta["timing"] = {"decode": (t1 - t0) * 1000, "model": (time.perf_counter() - t1) * 1000,
+                          "inference": out["ms"], "batch": out["batch"]}
         meta["audio_used"] = d["logmel"] is not None
         if overlay:
             meta["frames"] = d["frames"]
-        return {"result": result, "meta": meta}
+        return {"result": out["result"], "meta": meta}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})  # three models + decoder + ingress fit 2 CPUs
@@ -427,14 +437,22 @@ class ModelServer:
         return {**self.runner.describe(), "batching": self.args.batching,
                 "max_batch_size": self.args.max_batch_size}
 
-    async def __call__(self, item: dict[str, Any]) -> Any:
+    async def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        """-> {"result": the runner's result, "ms": the forward pass's milliseconds, "batch": requests in it}."""
         if self.args.batching:
             return await self._batched(item)
-        return self.runner.infer([item])[0]
+        return (await self._infer([item]))[0]
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _batched(self, items: list[dict[str, Any]]) -> list[Any]:
-        return self.runner.infer(items)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def _batched(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return await self._infer(items)
+
+    async def _infer(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # in a thread: the replica's event loop keeps taking requests, which queue up as the next batch
+        t0 = time.perf_counter()
+        results = await asyncio.to_thread(self.runner.infer, items)
+        ms = (time.perf_counter() - t0) * 1000
+        return [{"result": r, "ms": ms, "batch": len(items)} for r in results]
 
 
 _ALLOWED_TYPES = ("video/", "application/octet-stream", "application/mp4", "application/x-matroska")
@@ -487,6 +505,7 @@ class Ingress:
 
     async def _run(self, task: str, data: bytes, **options) -> tuple[Any, dict[str, Any]]:
         """Decoder -> model for one upload: (the model's result, the request's metadata)."""
+        t0 = time.perf_counter()
         try:
             out = await self.decoder.remote(task, data, **options)
         except BackPressureError as e:
@@ -494,9 +513,22 @@ class Ingress:
         if "error" in out:
             status, message = out["error"]
             raise HTTPException(status, message, headers={"Retry-After": "1"} if status == 503 else None)
+        out["meta"]["timing"]["decoder"] = (time.perf_counter() - t0) * 1000
         return out["result"], out["meta"]
 
-    # -- routes -----------------------------------------------------------------------------
+    @staticmethod
+    def _timed(response: Response, meta: dict[str, Any]) -> Response:
+        """The answer with a Server-Timing header: ms in the decoder deployment (round trip from the
+        ingress), decoding, the model deployment (round trip from the decoder), its forward pass,
+        and how many requests shared that forward pass."""
+        t = meta["timing"]
+        response.headers["Server-Timing"] = (
+            f'decoder;dur={t["decoder"]:.2f}, decode;dur={t["decode"]:.2f}, model;dur={t["model"]:.2f}, '
+            f'inference;dur={t["inference"]:.2f}, batch;desc="{t["batch"]}"')
+        return response
+
+    # -- routes (answers are built as JSON-native values and returned as JSONResponse: FastAPI's
+    #    jsonable_encoder walk over a heatmap list costs milliseconds) ----------------------------
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
@@ -520,20 +552,21 @@ class Ingress:
         res, m = await self._run("localization", await self._read(request, file), overlay=overlay == "png")
         if overlay == "png":
             frames = m["frames"].reshape(-1, *m["frames"].shape[2:])  # (C·T, H, W, 3)
-            return Response(overlay_png(frames, res["grid"], m["fps"]), media_type="image/png")
+            return self._timed(Response(overlay_png(frames, res["grid"], m["fps"]), media_type="image/png"), m)
         v = m["view"]
 
         def src(p: float, offset: int) -> float:  # frame pixel -> source pixel
             return round((p + offset) / v["scale"], 1)
 
         times = [s + j / m["fps"] for s in m["starts"] for j in range(m["frames_per_clip"])]
-        return {"fps": m["fps"], "frames_sampled": len(times), "grid": list(res["grid"].shape[1:]),
+        body = {"fps": m["fps"], "frames_sampled": len(times), "grid": list(res["grid"].shape[1:]),
                 "source": {"width": m["info"]["width"], "height": m["info"]["height"]},
                 "view": {"x0": src(0, v["x0"]), "y0": src(0, v["y0"]), "x1": src(v["size"], v["x0"]),
                          "y1": src(v["size"], v["y0"])},
                 "frames": [{"t": round(t, 4), "heatmap": np.round(g.astype(np.float64), 3).tolist(),
                             "peak": {"x": src(float(p[0]) + 0.5, v["x0"]), "y": src(float(p[1]) + 0.5, v["y0"])}}
                            for t, g, p in zip(times, res["grid"], res["peak"])]}
+        return self._timed(JSONResponse(body), m)
 
     @app.post("/v1/separate")
     async def separate(self, request: Request, file: UploadFile = File(..., description="video with speech"),
@@ -546,15 +579,16 @@ class Ingress:
         sr = m["sample_rate"]
         wavs = [wav_bytes(t, sr) for t in tracks]
         if format == "json":
-            return {"sample_rate": sr, "seconds": tracks.shape[1] / sr,
-                    "speakers": [{"box": b, "wav_base64": base64.b64encode(w).decode()} for b, w in zip(m["boxes"], wavs)]}
+            return self._timed(JSONResponse({"sample_rate": sr, "seconds": tracks.shape[1] / sr,
+                                             "speakers": [{"box": b, "wav_base64": base64.b64encode(w).decode()}
+                                                          for b, w in zip(m["boxes"], wavs)]}), m)
         buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:  # PCM barely deflates; storing is ~free
             for i, w in enumerate(wavs):
                 z.writestr(f"speaker_{i}.wav", w)
             z.writestr("boxes.json", json.dumps({"boxes": m["boxes"], "sample_rate": sr}))
-        return Response(buf.getvalue(), media_type="application/zip",
-                        headers={"Content-Disposition": 'attachment; filename="speakers.zip"'})
+        return self._timed(Response(buf.getvalue(), media_type="application/zip",
+                                    headers={"Content-Disposition": 'attachment; filename="speakers.zip"'}), m)
 
     @app.post("/v1/caption")
     async def caption(self, request: Request, file: UploadFile = File(..., description="video or image"),
@@ -564,8 +598,9 @@ class Ingress:
         self._need("captioning")
         caps, m = await self._run("captioning", await self._read(request, file, image_ok=True), beam_size=beam_size)
         span = m["frames_per_clip"] / m["fps"]
-        return {"caption": caps[0], "audio_used": m["audio_used"], "beam_size": beam_size,
-                "clips": [{"start_s": s, "end_s": s + span, "caption": c} for s, c in zip(m["starts"], caps)]}
+        return self._timed(JSONResponse({"caption": caps[0], "audio_used": m["audio_used"], "beam_size": beam_size,
+                                         "clips": [{"start_s": s, "end_s": s + span, "caption": c}
+                                                   for s, c in zip(m["starts"], caps)]}), m)
 
 
 def build(args: AppArgs, deployments: list[dict[str, Any]]):

@@ -3,6 +3,10 @@ from pathlib import Path
 
 import pytest
 
+from jobs.serve import serve_env
+
+serve_env()  # the Serve mode avray serve runs in, set before any test imports ray.serve or starts Ray
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 SHARED_MEDIA = ROOT.parent / "shared" / "media"

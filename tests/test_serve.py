@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 
-from benchmarks.serve import tiny_checkpoints
+from benchmarks.serve import server_timing, tiny_checkpoints
 from tests.conftest import FIXTURES
 from tests.mediagen import write_video
 
@@ -195,6 +195,18 @@ def test_caption_video_image_and_beam(server, media):
     assert d["audio_used"] is False and len(d["clips"]) == 1
     r = post(server, "/v1/caption", media["silent"])  # a video without sound is captioned without it
     assert r.status_code == 200 and r.json()["audio_used"] is False and len(r.json()["clips"]) == 2
+
+
+@pytest.mark.parametrize("route", ["/v1/localize", "/v1/separate", "/v1/caption"])
+def test_server_timing_header_says_where_the_time_went(server, media, route):
+    r = post(server, route, media["scene"])
+    assert r.status_code == 200, r.text
+    t = server_timing(r.headers["Server-Timing"])
+    assert list(t) == ["decoder", "decode", "model", "inference", "batch"]
+    assert t["batch"] == 1.0  # a lone request
+    # nested intervals (each measured inside the one before it): decoder round trip >= decode + model
+    # round trip, model round trip >= its forward pass > 0
+    assert t["decoder"] >= t["decode"] + t["model"] and t["model"] >= t["inference"] > 0 and t["decode"] > 0
 
 
 @pytest.mark.parametrize("name,clips", [("grid_lbax4n.mpg", 1), ("kinetics_test.avi", 3), ("no_duration.webm", None)])
