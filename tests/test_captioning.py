@@ -60,7 +60,8 @@ def test_tiny_shapes_forward_backward_attention():
     model = Captioner(preset("tiny", WORDS)).train()
     frames, logmel, caps = _inputs()
     out = model(frames, logmel, caps)
-    cells = T * 9 * 9  # tiny visual encoder: stride 8, 67 px -> 9 x 9 cells per frame
+    assert model.cfg.frame_stride == 4
+    cells = 1 * 9 * 9  # tiny: every 4th frame (frame 0 of T = 3); visual stride 8, 67 px -> 9 x 9 cells per frame
     assert out["logits"].shape == (B, L, len(WORDS)) and out["alphas"].shape == (B, L, cells)
     torch.testing.assert_close(out["alphas"].sum(-1), torch.ones(B, L))
     assert (out["alphas"] >= 0).all()
@@ -72,6 +73,28 @@ def test_tiny_shapes_forward_backward_attention():
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
     single = model.eval()(frames[:, 0], logmel, caps)  # (B, 3, H, W): an image is T = 1
     assert single["alphas"].shape == (B, L, 81)
+
+
+def test_frame_stride_attends_to_every_kth_frame():
+    torch.manual_seed(4)
+    cfg = CaptioningConfig(vocab=WORDS, frame_stride=2)
+    model = Captioner(cfg).eval()
+    every = Captioner(CaptioningConfig(vocab=WORDS)).eval()
+    every.load_state_dict(model.state_dict())
+    frames = torch.rand(2, 5, 3, 16, 16)
+    logmel, caps = torch.randn(2, M, N), torch.randint(4, len(WORDS), (2, 4))
+    with torch.no_grad():
+        out = model(frames, logmel, caps)
+        ref = every(frames[:, [0, 2, 4]], logmel, caps)
+    assert out["alphas"].shape == (2, 4, 3 * 2 * 2)  # frames 0, 2, 4; 16 px -> 2 x 2 cells
+    torch.testing.assert_close(out["logits"], ref["logits"])
+    with pytest.raises(ValueError):
+        CaptioningConfig(vocab=WORDS, frame_stride=0)
+
+
+def test_tiny_preset_parameter_count():
+    n = sum(p.numel() for p in Captioner(preset("tiny", WORDS)).parameters())
+    assert n == 389_932 + 129 * len(WORDS)
 
 
 def test_paper_preset_builds_and_runs():
