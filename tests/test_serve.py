@@ -310,8 +310,8 @@ def test_killed_model_replica_is_replaced(server, media):
 
 
 def test_concurrent_model_calls_share_forward_passes(server, media):
-    """Requests that reach a model while its forward pass runs wait as the next batch (max 4 here)
-    and get the same answers as alone."""
+    """Requests that reach a model while its forward pass runs wait as the next batch (at most
+    max_batch_size = 4 here) and get the same answers as alone."""
     from ray import serve
 
     from jobs.serve import AppArgs
@@ -327,7 +327,8 @@ def test_concurrent_model_calls_share_forward_passes(server, media):
     item = {k: d[k] for k in RUNNERS["localization"].inputs}
     outs = [r.result() for r in [h.remote(item) for _ in range(9)]]  # 9 in flight at once
     sizes = [o["batch"] for o in outs]
-    assert max(sizes) == 4 and all(1 <= n <= 4 for n in sizes), sizes  # batches fill up to max_batch_size
+    # how many share a pass depends on arrival timing; some must, and none beyond max_batch_size (4)
+    assert max(sizes) >= 2 and all(1 <= n <= 4 for n in sizes), sizes
     alone = runner.infer([item])[0]
     for o in outs:
         np.testing.assert_allclose(o["result"]["grid"], alone["grid"], atol=1e-5)
