@@ -167,7 +167,10 @@ def run(cfg: ServeConfig) -> int:
         ray.init(address=cfg.address or os.environ.get("RAY_ADDRESS"), include_dashboard=False)
         started = True
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # SIGINT too when it is ignored (a shell starts background jobs so): `kill -INT` then stops the
+    # service instead of doing nothing; otherwise Ctrl-C is Python's KeyboardInterrupt
+    sigs = (signal.SIGTERM, signal.SIGINT) if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else (signal.SIGTERM,)
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in sigs}
     try:
         serve.start(http_options=http)
         app = application(args, app_cfg.get("deployments"))  # after ray.init: use_gpu auto looks at the cluster
@@ -181,7 +184,8 @@ def run(cfg: ServeConfig) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         print("avray serve: shutting down", flush=True)
         serve.shutdown()
         if started:

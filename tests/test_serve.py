@@ -383,7 +383,8 @@ def test_cli_serve_reports_missing_checkpoint(tmp_path, capsys):
     assert f"avray serve: error: localization checkpoint not found: {tmp_path / 'missing.pt'}" in capsys.readouterr().err
 
 
-def test_cli_serve_runs_until_ctrl_c(tmp_path):
+@pytest.mark.parametrize("sigint", ["default", "ignored"])  # ignored: how a shell starts `avray serve &`
+def test_cli_serve_runs_until_ctrl_c(tmp_path, sigint):
     import subprocess
     import sys
 
@@ -394,7 +395,8 @@ def test_cli_serve_runs_until_ctrl_c(tmp_path):
     port = _free_port()
     env = {**os.environ, "AVRAY_TOKEN": ""}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--localization", ckpt, "--config", str(cfg),
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint == "ignored" else None)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # until EOF
     reader.start()
@@ -408,7 +410,7 @@ def test_cli_serve_runs_until_ctrl_c(tmp_path):
         r = post(f"http://127.0.0.1:{port}", "/v1/localize", FIXTURES / "grid_brbk7n.mpg", headers={})
         assert r.status_code == 200 and r.json()["frames_sampled"] == T
         assert post(f"http://127.0.0.1:{port}", "/v1/caption", FIXTURES / "grid_brbk7n.mpg", headers={}).status_code == 404
-        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        proc.send_signal(signal.SIGINT)  # Ctrl-C, or `kill -INT` of a background job
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
