@@ -443,7 +443,7 @@ class ModelServer:
             return await self._batched(item)
         return (await self._infer([item]))[0]
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    @serve.batch(max_batch_size=AppArgs.max_batch_size, batch_wait_timeout_s=AppArgs.batch_wait_ms / 1000.0)  # set per app in __init__
     async def _batched(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return await self._infer(items)
 

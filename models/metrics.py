@@ -23,7 +23,8 @@ For a binary G (union of boxes, as on our synthetic scenes) cIoU is exactly the 
   by EZ-VSL): the threshold is the map's `threshold` quantile, i.e. for 0.5 the upper median
   `t = sort(a.flatten())[int(H * W / 2)]` and A = {i : a_i > t}: about half of the pixels are
   always predicted, so cIoU <= |G| / (H * W / 2) and cIoU@0.5 is 0 whenever the sounding object
-  covers less than a quarter of the frame (our synthetic objects cover 3-9 %). Reported by
+  covers less than a quarter of the frame (the sounding objects of our held-out synthetic frames
+  cover 4-29 % of a frame, median 11 %: BENCHMARKS.md). Reported by
   `avray evaluate` under keys with an `_lvs` suffix, for comparison with the LVS/EZ-VSL tables.
 
 Implemented here: `ciou` takes the heatmap at whatever resolution the caller chose (LVS resizes to
