@@ -6,19 +6,19 @@ batch size, number of epochs and training split (jobs.train.validation_videos):
 
   (a) a plain loop in this process: pyarrow.dataset streams the clip Parquet (only the
       task's columns, the validation videos filtered out), re-batched to --batch-size rows
-      and turned into the dict of numpy arrays that Ray Data hands `iter_torch_batches`'s
-      collate_fn (checked on one batch: same keys, dtypes, element types, values and
-      identical `task.collate` output), then the loop of jobs.train.train_loop_per_worker:
-      task.collate, task.step, AdamW, drop_last, with the same torch thread count as a Ray
-      Train worker;
-  (b) `avray train` (jobs.train.run, --num-workers 1, no GPU) on a local Ray started with 2
-      CPUs before the clock starts; samples/s and the data-wait fraction come from
-      RUN/metrics.jsonl, measured inside the worker over the training pass only (validation
-      and checkpointing excluded); the wall time of the whole run() call is reported too.
+      and turned into the dict of numpy arrays Ray Data's `map_batches` gets, then the loop
+      of jobs.train.train_loop_per_worker: task.prepare (in the training thread), tensors,
+      task.step, AdamW, drop_last, with the same torch thread count as the Ray Train worker;
+  (b) `avray train` (jobs.train.run, --num-workers 1, no GPU, constant learning rate like
+      the plain loop) on a local Ray started with 2 CPUs before the clock starts: Ray Data
+      reads and runs task.prepare in its tasks, the worker steps; samples/s and the data-wait
+      fraction come from RUN/metrics.jsonl, measured inside the worker over the training pass
+      only (validation and checkpointing excluded); the wall time of the whole run() call is
+      reported too.
+The first batch of both is checked to be identical (keys, dtypes, shapes, values).
 
-"Data wait" is the time spent in `next()` on the batch iterator (reading, filtering,
-converting and collating, or waiting for Ray Data's prefetch), as a fraction of the epoch's
-training time. The first epoch is a warm-up; steady-state figures pool epochs 2..N. Each
+"Data wait" is the time spent in `next()` on the batch iterator (reading, filtering and
+preparing, or waiting for Ray Data's prefetch), as a fraction of the epoch's training time. The first epoch is a warm-up; steady-state figures pool epochs 2..N. Each
 figure is the median of --runs runs (plain and Ray interleaved). Results are printed as
 Markdown and, with --write BENCHMARKS.md, replace the section between the train markers there.
 
@@ -124,50 +124,37 @@ def task_for(name: str, clips: Path, columns: list[str], held_out):
 
 
 def check_same_batch(clips: Path, task, columns: list[str], held_out, batch_size: int) -> str:
-    """The first batch Ray Data gives `collate_fn` in `iter_torch_batches` (as jobs.train does)
-    against this script's conversion of the same rows: same keys, dtypes, element types and
-    values, and `task.collate` outputs equal. Raises AssertionError otherwise."""
+    """The first training batch of avray train's pipeline (jobs.train: the training files read
+    with Ray Data, `task.prepare` in `map_batches`, `iter_torch_batches`; read in order for the
+    check) against the plain loop's first batch (`numpy_batches`, `task.prepare`, `as_tensors`):
+    same keys, dtypes, shapes and values. Raises AssertionError otherwise."""
     import warnings
 
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.dataset as pads
     import ray.data
     import torch
 
-    seen: list[dict] = []
+    from jobs.tasks import as_tensors
+    from jobs.train import _split, prepared
 
-    def capture(batch):
-        seen.append(batch)
-        return task.collate({k: v for k, v in batch.items() if k != "clip_id"})
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # read_parquet(columns=) and a function as collate_fn are
-        # deprecated, but they are what jobs.train uses
-        ds = ray.data.read_parquet(str(clips), columns=columns + ["clip_id"])
-        ds = ds.map_batches(lambda t: t.filter(pc.invert(pc.is_in(t.column("video_id"), value_set=held_out))),
-                            batch_format="pyarrow", batch_size=None)
-        ray_out = next(iter(ds.iter_torch_batches(batch_size=batch_size, collate_fn=capture, drop_last=True)))
-    ray_in = seen[0]
-    ids = [str(c) for c in ray_in.pop("clip_id")]
-    table = pads.dataset(str(clips), format="parquet").to_table(
-        columns=columns + ["clip_id"], filter=pc.field("clip_id").isin(pa.array(ids)))
-    order = {c: i for i, c in enumerate(table.column("clip_id").to_pylist())}
-    mine = to_numpy_batch(table.take([order[c] for c in ids]).drop_columns(["clip_id"]))
-    assert list(mine) == list(ray_in), (list(mine), list(ray_in))
-    for k, v in ray_in.items():
-        m = mine[k]
-        assert type(m) is type(v) and m.dtype == v.dtype and m.shape == v.shape, (k, m.dtype, v.dtype)
-        for a, b in zip(m, v):
-            assert type(a) is type(b), (k, type(a), type(b))
-            assert np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b, k
-    my_out = task.collate(mine)
-    assert list(my_out) == list(ray_out)
-    for k in ray_out:
-        assert torch.equal(my_out[k], ray_out[k]), k
-    return (f"{len(ids)} rows, columns {', '.join(f'{k}: {v.dtype}' for k, v in ray_in.items())}; "
-            f"collate outputs {', '.join(f'{k} {tuple(v.shape)}' for k, v in ray_out.items())} identical")
+    ctx = ray.data.DataContext.get_current()
+    order = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read_parquet(columns=) is deprecated, but it is what jobs.train uses
+            ids = pads.dataset(str(clips), format="parquet").to_table(columns=["video_id", "__filename"])
+            train_ds, _ = _split(ids, held_out, columns)
+            ray_out = next(iter(prepared(train_ds, task, batch_size).iter_torch_batches(
+                batch_size=batch_size, drop_last=True)))
+    finally:
+        ctx.execution_options.preserve_order = order
+    mine = as_tensors(task.prepare(next(numpy_batches(clips, columns, held_out, batch_size))))
+    assert list(mine) == list(ray_out), (list(mine), list(ray_out))
+    for k, v in ray_out.items():
+        assert mine[k].dtype == v.dtype and mine[k].shape == v.shape and torch.equal(mine[k], v), k
+    return "first batch identical: " + ", ".join(f"{k} {v.dtype} {tuple(v.shape)}".replace("torch.", "")
+                                                 for k, v in ray_out.items())
 
 
 def plain_train(task, mcfg, clips: Path, columns: list[str], held_out, batch_size: int, epochs: int,
@@ -176,6 +163,7 @@ def plain_train(task, mcfg, clips: Path, columns: list[str], held_out, batch_siz
     per epoch with the fields the worker writes to metrics.jsonl (samples_per_s, data_wait_fraction, ...)."""
     import torch
 
+    from jobs.tasks import as_tensors
     from jobs.train import train_epoch
     from models.checkpoint import build_model
 
@@ -188,7 +176,7 @@ def plain_train(task, mcfg, clips: Path, columns: list[str], held_out, batch_siz
 
     def batches():
         for b in numpy_batches(clips, columns, held_out, batch_size):
-            yield task.collate(b)
+            yield as_tensors(task.prepare(b))
 
     history = []
     for epoch in range(epochs):
@@ -197,13 +185,15 @@ def plain_train(task, mcfg, clips: Path, columns: list[str], held_out, batch_siz
     return history
 
 
-def ray_train(task: str, clips: Path, out: Path, preset: str, batch_size: int, epochs: int) -> tuple[list[dict], float]:
+def ray_train(task: str, clips: Path, out: Path, preset: str, batch_size: int, epochs: int,
+              torch_threads: int) -> tuple[list[dict], float]:
     """(b) jobs.train.run with 1 worker, no GPU, on the running Ray: (metrics.jsonl rows, wall s)."""
     from jobs.train import TrainConfig, run
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = TrainConfig(task=task, data=str(clips), out=str(out), preset=preset, epochs=epochs,
-                      batch_size=batch_size, num_workers=1, use_gpu="no")
+                      batch_size=batch_size, num_workers=1, use_gpu="no", lr_schedule="constant",
+                      torch_threads=torch_threads)
     t0 = time.perf_counter()
     run(cfg)
     wall = time.perf_counter() - t0
@@ -260,6 +250,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="seconds per scene (clips of 2 s)")
     ap.add_argument("--size", type=int, default=96, help="scene and clip frame side in pixels")
     ap.add_argument("--fps", type=float, default=8.0, help="clip frames per second")
+    ap.add_argument("--torch-threads", type=int, default=0,
+                    help="torch threads on both sides (default 0: what a 1-CPU Ray Train worker gets)")
     ap.add_argument("--write", help="replace the train section of this Markdown file (BENCHMARKS.md)")
     args = ap.parse_args()
 
@@ -279,6 +271,7 @@ def main() -> None:
         threads = ray_worker_threads(work / "probe")
         print(f"Ray Train worker: torch threads {threads['torch_threads']}, "
               f"OMP_NUM_THREADS={threads['omp_num_threads']}", flush=True)
+        n_threads = args.torch_threads or threads["torch_threads"]
         results: dict[str, dict] = {}
         for name in args.tasks:
             columns = train_columns(clips, TASKS[name])
@@ -291,11 +284,13 @@ def main() -> None:
             for r in range(args.runs):
                 t0 = time.perf_counter()
                 plain_hist = plain_train(task, mcfg, clips, columns, held_out, args.batch_size, args.epochs,
-                                         threads["torch_threads"])
+                                         n_threads)
                 walls["plain"].append(time.perf_counter() - t0)
                 plain.append(steady(plain_hist))
                 hist, wall = ray_train(name, clips, work / "runs" / f"{name}-{r}", args.preset,
-                                       args.batch_size, args.epochs)
+                                       args.batch_size, args.epochs, args.torch_threads)
+                if {h["torch_threads"] for h in hist} != {n_threads}:
+                    raise RuntimeError(f"avray train ran {hist[0]['torch_threads']} torch threads, not {n_threads}")
                 walls["avray"].append(wall)
                 if [h["steps"] for h in hist] != [h["steps"] for h in plain_hist]:
                     raise RuntimeError(f"steps per epoch differ: plain {[h['steps'] for h in plain_hist]}, "
@@ -313,7 +308,7 @@ def main() -> None:
         ray.shutdown()
 
     n_clips = pq.read_table(str(clips), columns=["video_id"]).num_rows
-    res = {"results": results, "torch_threads": threads, "runs": args.runs, "epochs": args.epochs,
+    res = {"results": results, "torch_threads": threads, "threads_used": n_threads, "runs": args.runs, "epochs": args.epochs,
            "batch_size": args.batch_size, "preset": args.preset, "clips": n_clips,
            "held_out_videos": len(held_out), "cpus": os.cpu_count()}
     (work / "train.json").write_text(json.dumps(res, indent=2))
@@ -336,11 +331,13 @@ def main() -> None:
     lines += [
         "",
         f"Overhead = 1 − (avray train samples/s) / (plain samples/s), per run, then the median; target ≤ 10 %. "
-        f"Torch threads: {threads['torch_threads']} in both (a Ray Train worker with 1 CPU gets "
+        f"Torch threads: {n_threads} on both sides (a Ray Train worker with 1 CPU gets "
         f"OMP_NUM_THREADS={threads['omp_num_threads']} and torch.get_num_threads() = {threads['torch_threads']}, "
-        f"measured; the plain loop calls torch.set_num_threads({threads['torch_threads']})). "
-        "The plain loop reads, converts and collates in its training thread; avray train reads in Ray Data "
-        "tasks on the other CPU and collates in the worker's prefetch thread (prefetch_batches=2). "
+        f"measured; the plain loop calls torch.set_num_threads({n_threads})"
+        + (f", avray train gets --torch-threads {n_threads}" if args.torch_threads else "") + "). "
+        "The plain loop reads and prepares (task.prepare) in its training thread; avray train reads and "
+        "prepares in Ray Data tasks on the other CPU (map_batches) and the worker only turns the prepared "
+        "arrays into tensors (iter_torch_batches, prefetch_batches=2). "
         "Wall s of `run()` include starting the worker, validation and a checkpoint every epoch.",
     ]
     md = "\n".join(lines)

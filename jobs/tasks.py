@@ -5,7 +5,12 @@ task names to them.
 A task adapter has:
 - `model`: the model name in models.checkpoint.BUILDERS; `configs`: preset name -> config;
 - `columns`: the clip-table columns it reads (others are never loaded);
-- `collate(batch)`: numpy batch of clip rows (as Ray Data gives it) -> dict of tensors;
+- `prepare(batch)`: numpy batch of clip rows (as Ray Data gives it) -> dict of numpy arrays
+  the model reads. The CPU work (decoding the tensor blobs, ground-truth masks, resizing,
+  tokenising) happens here; `avray train` runs it in Ray Data tasks (`map_batches`), off the
+  training worker. Images stay uint8, channels first: they travel as bytes and become floats
+  on the training device (`to_model`);
+- `collate(batch)`: prepare + tensors + `to_model` in one process (evaluation, benchmarks);
 - `step(model, batch, cfg, gen)`: forward + loss dict {"loss": scalar, ...};
 - `evaluate(model, batches, cfg)`: validation metrics over an iterable of collated batches;
 - `figure(model, batch, cfg, path, n)`: a PNG of n examples from one collated batch.
@@ -35,9 +40,31 @@ from pipelines.groundtruth import clip_caption, clip_targets
 from pipelines.schema import decode_clip_batch
 
 
-def _frames_float(frames: np.ndarray) -> torch.Tensor:
-    """uint8 (B, T, H, W, 3) -> float (B, T, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 1, 4, 2, 3).float() / 255.0  # (B, T, 3, H, W)
+def _channels_first(frames: np.ndarray) -> np.ndarray:
+    """uint8 (..., H, W, 3) -> uint8 (..., 3, H, W), contiguous."""
+    return np.ascontiguousarray(np.moveaxis(frames, -1, -3))
+
+
+def to_model(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A prepared batch as the model takes it: uint8 tensors (images) become float in [0, 1],
+    the rest is unchanged. Run after moving the batch to its device (images move as bytes)."""
+    return {k: v.float().div_(255.0) if v.dtype == torch.uint8 else v for k, v in batch.items()}
+
+
+def as_tensors(prepared: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """A prepared numpy batch as tensors (no copy), as `iter_torch_batches` gives it."""
+    return {k: torch.from_numpy(v) for k, v in prepared.items()}
+
+
+class Task:
+    """The shared part of the task adapters: `collate` = `prepare`, `as_tensors`, `to_model`."""
+
+    def prepare(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def collate(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """numpy batch of clip rows -> the model's tensors, in this process."""
+        return to_model(as_tensors(self.prepare(batch)))
 
 
 def _log_spec(x: torch.Tensor) -> np.ndarray:
@@ -45,23 +72,23 @@ def _log_spec(x: torch.Tensor) -> np.ndarray:
     return (20 * torch.log10(stft(x.float().cpu(), SpectrogramConfig()).abs() + 1e-5)).numpy()  # (F, N) dB
 
 
-class LocalizationTask:
+class LocalizationTask(Task):
     """Senocak et al. / EZ-VSL: the middle frame of each clip against the clip's log-mel."""
 
     model = "localization"
     configs = LOC_PRESETS
     columns = ["video_id", "start_s", "fps", "frames", "frames_shape", "logmel", "logmel_shape", "ground_truth"]
 
-    def collate(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """-> frame float (B, 3, H, W), logmel float (B, M, N), box_mask float (B, H, W) (union
-        of the boxes of the objects sounding in that frame), has_box bool (B,), frame_centre float
-        (B,) (the frame's time as a fraction of the clip) and clip_seconds float (B,)."""
+    def prepare(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """-> frame uint8 (B, 3, H, W) (the clip's middle frame), logmel float (B, M, N), box_mask
+        float (B, H, W) (union of the boxes of the objects sounding in that frame), has_box bool
+        (B,), frame_centre float (B,) (the frame's time as a fraction of the clip) and
+        clip_seconds float (B,)."""
         b = decode_clip_batch(batch)
-        frames = _frames_float(b["frames"])  # (B, T, 3, H, W)
-        B, T, _, H, W = frames.shape
+        B, T, H, W = b["frames"].shape[:4]
         mid = T // 2
-        masks = torch.zeros(B, H, W)
-        has_box = torch.zeros(B, dtype=torch.bool)
+        masks = np.zeros((B, H, W), np.float32)
+        has_box = np.zeros(B, bool)
         gts = b.get("ground_truth")
         for i in range(B):
             if gts is None or gts[i] is None:
@@ -72,9 +99,9 @@ class LocalizationTask:
                 x0, y0, x1, y1 = t.boxes[mid, k]
                 masks[i, int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))] = 1.0
             has_box[i] = bool(t.sounding[mid].any())
-        return {"frame": frames[:, mid], "logmel": torch.from_numpy(np.ascontiguousarray(b["logmel"])),
-                "box_mask": masks, "has_box": has_box, "frame_centre": torch.full((B,), (mid + 0.5) / T),
-                "clip_seconds": torch.from_numpy(T / b["fps"].astype(np.float64)).float()}
+        return {"frame": _channels_first(b["frames"][:, mid]), "logmel": np.ascontiguousarray(b["logmel"]),
+                "box_mask": masks, "has_box": has_box, "frame_centre": np.full(B, (mid + 0.5) / T, np.float32),
+                "clip_seconds": (T / b["fps"].astype(np.float64)).astype(np.float32)}
 
     @staticmethod
     def mel(batch: dict[str, torch.Tensor], cfg) -> torch.Tensor:
@@ -146,7 +173,7 @@ class LocalizationTask:
         plt.close(fig)
 
 
-class SeparationTask:
+class SeparationTask(Task):
     """Looking to Listen, trained by mix-and-separate: K clips' soundtracks are summed and each
     clip's own frames must pull its own soundtrack out (audio-only: PIT, frames unused)."""
 
@@ -155,14 +182,15 @@ class SeparationTask:
     columns = ["video_id", "frames", "frames_shape", "audio", "audio_shape", "has_audio"]
     face_size = 48  # frames are downsampled to this side for the visual stream
 
-    def collate(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """-> audio float (B, S), faces float (B, T, 3, s, s) with s = face_size."""
+    def prepare(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """-> audio float (B, S), faces uint8 (B, T, 3, s, s): every frame area-downsampled to
+        s = face_size."""
         b = decode_clip_batch(batch)
-        frames = _frames_float(b["frames"])  # (B, T, 3, H, W)
+        frames = torch.from_numpy(_channels_first(b["frames"]))  # uint8 (B, T, 3, H, W)
         B, T = frames.shape[:2]
-        faces = F.interpolate(frames.flatten(0, 1), size=(self.face_size, self.face_size), mode="area")
-        faces = faces.reshape(B, T, 3, self.face_size, self.face_size)  # (B, T, 3, s, s)
-        return {"audio": torch.from_numpy(np.ascontiguousarray(b["audio"])), "faces": faces}
+        faces = F.interpolate(frames.flatten(0, 1).float(), size=(self.face_size, self.face_size), mode="area")
+        faces = faces.round_().to(torch.uint8).reshape(B, T, 3, self.face_size, self.face_size)
+        return {"audio": np.ascontiguousarray(b["audio"]), "faces": faces.numpy()}
 
     def _mix(self, batch, cfg, gen):
         return mix_and_separate_batch(batch["audio"], batch["faces"], cfg.num_speakers, gen)
@@ -236,7 +264,7 @@ def clip_captions(batch: dict[str, Any]) -> list[str]:
     return out
 
 
-class CaptioningTask:
+class CaptioningTask(Task):
     """Show, Attend and Tell over a clip's frames (temporal + spatial attention) with its audio.
     Presets are functions of the vocabulary, which train.run builds from the training captions."""
 
@@ -248,11 +276,12 @@ class CaptioningTask:
     def __init__(self, vocab: tuple[str, ...] = (), max_len: int = 24) -> None:
         self.vocab, self.max_len = vocab, max_len
 
-    def collate(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """-> frames float (B, T, 3, H, W), logmel (B, M, N), tokens long (B, L): <bos> ... <eos> <pad>..."""
+    def prepare(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """-> frames uint8 (B, T, 3, H, W), logmel float (B, M, N), tokens int64 (B, L):
+        <bos> ... <eos> <pad>..."""
         b = decode_clip_batch(batch)
-        return {"frames": _frames_float(b["frames"]), "logmel": torch.from_numpy(np.ascontiguousarray(b["logmel"])),
-                "tokens": encode_batch(clip_captions(batch), self.vocab, self.max_len)}
+        return {"frames": _channels_first(b["frames"]), "logmel": np.ascontiguousarray(b["logmel"]),
+                "tokens": encode_batch(clip_captions(batch), self.vocab, self.max_len).numpy()}
 
     def step(self, model, batch, cfg, gen=None) -> dict[str, torch.Tensor]:
         tokens = batch["tokens"]

@@ -35,10 +35,16 @@ class TrainConfig:
     preset: str = field(default="tiny", metadata={"help": "model preset (tiny, paper; separation also *-audio-only)"})
     epochs: int = field(default=10, metadata={"help": "passes over the training clips"})
     batch_size: int = field(default=32, metadata={"help": "clips per step and worker"})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate (the peak, with --lr-schedule cosine)"})
+    lr_schedule: str = field(default="cosine", metadata={
+        "help": "cosine: decay the learning rate per step from --lr to 0 over --epochs; constant: keep it",
+        "choices": ("cosine", "constant")})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
     val_fraction: float = field(default=0.1, metadata={"help": "share of videos held out for validation"})
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers"})
+    torch_threads: int = field(default=0, metadata={
+        "help": "torch threads per worker (0: the worker's CPUs, 1 by default); on a machine whose other "
+                "cores only feed data, up to its core count"})
     use_gpu: str = field(default="auto", metadata={"help": "auto: GPUs when the cluster has them", "choices": ("auto", "yes", "no")})
     seed: int = field(default=0, metadata={"help": "random seed"})
     visual_weights: str | None = field(default=None, metadata={"help": "local torchvision ResNet-18 state dict for the visual trunk"})
@@ -87,11 +93,30 @@ def model_config(cfg: TrainConfig, vocab: tuple[str, ...] = ()):
     return mcfg
 
 
-def train_epoch(model, opt, batches, task, mcfg, gen, device, amp: bool) -> dict[str, float]:
-    """One pass over `batches` (an iterable of collated tensor dicts): the step code of every
-    worker, also used by benchmarks/train.py's plain loop. "Data wait" is the time spent in
-    next() on the iterator. Returns train_loss, steps, samples_per_s (this process),
-    data_wait_fraction and epoch_seconds."""
+def cosine_schedule(opt, total_steps: int):
+    """A LambdaLR scaling the learning rate by 0.5 (1 + cos(pi step / total_steps)): from the
+    optimizer's lr down to 0 at `total_steps` (and 0 after)."""
+    import math
+
+    import torch
+
+    def factor(step: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(step / max(total_steps, 1), 1.0)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def on_device(batch, device):
+    """A prepared tensor batch moved to `device`, as the model takes it (jobs.tasks.to_model)."""
+    from jobs.tasks import to_model
+    return to_model({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+
+
+def train_epoch(model, opt, batches, task, mcfg, gen, device, amp: bool, sched=None) -> dict[str, float]:
+    """One pass over `batches` (an iterable of prepared tensor dicts, `task.prepare` as tensors):
+    the step code of every worker, also used by benchmarks/train.py's plain loop. `sched`: a
+    per-step learning-rate scheduler, or None. "Data wait" is the time spent in next() on the
+    iterator. Returns train_loss, steps, samples_per_s (this process), data_wait_fraction,
+    epoch_seconds and lr (at the epoch's end)."""
     import torch
 
     model.train()
@@ -106,19 +131,22 @@ def train_epoch(model, opt, batches, task, mcfg, gen, device, amp: bool) -> dict
         wait += time.perf_counter() - tw
         if batch is None:
             break
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = on_device(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             losses = task.step(model, batch, mcfg, gen)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         loss_sum += float(losses["loss"])
         steps += 1
         samples += len(next(iter(batch.values())))
     seconds = time.perf_counter() - t0
     return {"train_loss": loss_sum / max(steps, 1), "steps": steps,
             "samples_per_s": samples / seconds if seconds else 0.0,
-            "data_wait_fraction": wait / seconds if seconds else 0.0, "epoch_seconds": seconds}
+            "data_wait_fraction": wait / seconds if seconds else 0.0, "epoch_seconds": seconds,
+            "lr": opt.param_groups[0]["lr"]}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -132,13 +160,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from models.checkpoint import build_model, load_checkpoint, save_checkpoint
 
     task, mcfg = config["task"], config["model_config"]
+    if config["torch_threads"]:
+        torch.set_num_threads(config["torch_threads"])
+    threads = torch.get_num_threads()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.manual_seed(config["seed"] + rank)
     gen = torch.Generator().manual_seed(config["seed"] + 1000 * rank)
     device = ray.train.torch.get_device()
 
-    start_epoch, opt_state = 0, None
+    start_epoch, opt_state, sched_state = 0, None, None
     model = build_model(task.model, mcfg)
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # restarted after a failure, or --resume
@@ -146,23 +177,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             restored, saved = load_checkpoint(os.path.join(d, "model.pt"))
         model.load_state_dict(restored.state_dict())
         start_epoch, opt_state = saved["extra"]["epoch"] + 1, saved["extra"]["optimizer"]
+        sched_state = saved["extra"].get("scheduler")
     model = ray.train.torch.prepare_model(model)
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    sched = None
+    if config["lr_schedule"] == "cosine":
+        sched = cosine_schedule(opt, config["epochs"] * config["steps_per_epoch"])
     if opt_state is not None:
         opt.load_state_dict(opt_state)
+        if sched is not None and sched_state is not None:
+            sched.load_state_dict(sched_state)
     amp = device.type == "cuda"
     core = model.module if hasattr(model, "module") else model
 
     def batches(name: str):
+        # rows arrive prepared (task.prepare ran in Ray Data tasks); here they only become tensors
         shard = ray.train.get_dataset_shard(name)
-        return shard.iter_torch_batches(batch_size=config["batch_size"], collate_fn=task.collate,
-                                        prefetch_batches=2, drop_last=name == "train")
+        return shard.iter_torch_batches(batch_size=config["batch_size"], prefetch_batches=2,
+                                        drop_last=name == "train")
 
     for epoch in range(start_epoch, config["epochs"]):
-        stats = train_epoch(model, opt, batches("train"), task, mcfg, gen, device, amp)
+        stats = train_epoch(model, opt, batches("train"), task, mcfg, gen, device, amp, sched)
         model.eval()
-        val = task.evaluate(core, ({k: v.to(device) for k, v in b.items()} for b in batches("val")), mcfg)
-        metrics = {"epoch": epoch, "start_epoch": start_epoch, **stats,
+        val = task.evaluate(core, (on_device(b, device) for b in batches("val")), mcfg)
+        metrics = {"epoch": epoch, "start_epoch": start_epoch, **stats, "torch_threads": threads,
                    "samples_per_s": stats["samples_per_s"] * ctx.get_world_size(),
                    **{f"val_{k}": v for k, v in val.items()}}
         with tempfile.TemporaryDirectory() as d:
@@ -175,6 +213,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                       flush=True)
                 save_checkpoint(os.path.join(d, "model.pt"), task.model, core, mcfg,
                                 extra={"epoch": epoch, "optimizer": opt.state_dict(),
+                                       "scheduler": None if sched is None else sched.state_dict(),
                                        "clip_settings": config["clip_settings"],
                                        "metrics": {k: float(v) for k, v in metrics.items()}})
                 checkpoint = ray.train.Checkpoint.from_directory(d)
@@ -194,8 +233,8 @@ def run(cfg: TrainConfig) -> int:
         raise FileNotFoundError(f"no clip folder at {cfg.data} (run avray preprocess first)")
     if not 0 < cfg.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {cfg.val_fraction}")
-    if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.num_workers < 1:
-        raise ValueError("--epochs and --num-workers must be >= 1, --batch-size >= 2")
+    if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.num_workers < 1 or cfg.torch_threads < 0:
+        raise ValueError("--epochs and --num-workers must be >= 1, --batch-size >= 2, --torch-threads >= 0")
     task = TASKS[cfg.task]
     from models.captioning import SPECIALS
     model_config(cfg, SPECIALS)  # bad presets / weights fail here, before Ray starts
@@ -211,6 +250,7 @@ def run(cfg: TrainConfig) -> int:
         ray.init(address=address, include_dashboard=False)
         started = True
     try:
+        import pyarrow.compute as pc
         import pyarrow.dataset as pads
         import pyarrow.parquet as pq
         present = set(pq.read_schema(next(p for p in sorted(_parts(cfg.data)))).names)
@@ -218,6 +258,7 @@ def run(cfg: TrainConfig) -> int:
         ids = pads.dataset(cfg.data, format="parquet").to_table(columns=["video_id", "__filename"])
         val_ids = validation_videos(ids.column("video_id"), cfg.val_fraction)
         train_ds, val_ds = _split(ids, val_ids, columns)
+        train_rows = int(pc.sum(pc.invert(pc.is_in(ids.column("video_id"), value_set=val_ids))).as_py())
         vocab: tuple[str, ...] = ()
         if cfg.task == "captioning":  # the vocabulary of the training captions, stored in the model config
             from jobs.tasks import CaptioningTask, clip_captions
@@ -240,13 +281,16 @@ def run(cfg: TrainConfig) -> int:
             train_loop_per_worker,
             train_loop_config={"task": task, "model_config": mcfg, "epochs": cfg.epochs, "seed": cfg.seed,
                                "run_dir": run_dir, "clip_settings": clip_settings,
-                               "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+                               "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+                               "lr_schedule": cfg.lr_schedule, "torch_threads": cfg.torch_threads,
+                               # drop_last: each worker's shard gives floor(rows / batch) steps
+                               "steps_per_epoch": max(1, train_rows // (cfg.batch_size * cfg.num_workers))},
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
             run_config=ray.train.RunConfig(
                 name=name, storage_path=storage,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
-            datasets={"train": train_ds, "val": val_ds},
+            datasets={"train": prepared(train_ds, task, cfg.batch_size), "val": prepared(val_ds, task, cfg.batch_size)},
             dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         )
         result = trainer.fit()
@@ -288,6 +332,12 @@ def _split(ids, val_ids, columns: list[str]):
         return ds.map_batches(keep, batch_format="pyarrow", batch_size=None)
 
     return rows(False), rows(True)
+
+
+def prepared(ds, task, batch_size: int):
+    """`ds` with `task.prepare` applied in Ray Data tasks (decoding, masks, resizing, tokens run
+    there, not in the training worker)."""
+    return ds.map_batches(task.prepare, batch_format="numpy", batch_size=batch_size)
 
 
 def _parts(folder: str) -> list[str]:

@@ -13,6 +13,7 @@ Results are float (B, K) in dB, higher is better.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import torch
 from torchmetrics.functional.audio import (
@@ -34,13 +35,27 @@ def si_sdr(est: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return scale_invariant_signal_distortion_ratio(est, ref, zero_mean=True)
 
 
+@contextmanager
+def _one_torch_thread():
+    """torch 2.14.1's batched CPU `linalg.solve` (MKL) fails with more than one torch thread
+    ("Pivots given to lu_solve must all be greater or equal to 1", MKL: "Parameter 6 was
+    incorrect on entry to DLASWP"); torchmetrics' SDR solves a batch of Toeplitz systems."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def sdr(est: torch.Tensor, ref: torch.Tensor, filter_length: int = 512) -> torch.Tensor:
     """bss_eval SDR per source (distortion filter of `filter_length` taps): float (B, K, S) x2 -> float (B, K) dB.
 
     Needs S > filter_length; computed in float64 and returned in est's dtype.
     """
     _check(est, ref)
-    return signal_distortion_ratio(est.double(), ref.double(), filter_length=filter_length).to(est.dtype)
+    with _one_torch_thread():
+        return signal_distortion_ratio(est.double(), ref.double(), filter_length=filter_length).to(est.dtype)
 
 
 def _mixture_as_estimate(mixture: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

@@ -274,3 +274,19 @@ def test_tiny_av_model_learns_toy_separation():
     assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:5])
     assert trained > 3.0 and trained > untrained + 10.0, (untrained, trained)
     assert with_strangers < trained - 5.0, (trained, with_strangers)  # it separates by the faces
+
+
+def test_sdr_works_with_several_torch_threads_and_restores_them():
+    """torch 2.14.1's batched CPU solve fails with > 1 thread; `sdr` solves on one and puts the
+    caller's thread count back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        ref = torch.randn(4, 2, 16000, generator=g)
+        est = ref + 0.1 * torch.randn(4, 2, 16000, generator=g)  # noise 20 dB below the reference (the
+        # 512-tap filter fits 512 / 16000 of it: +0.14 dB)
+        torch.testing.assert_close(sdr(est, ref), torch.full((4, 2), 20.0), atol=0.3, rtol=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -64,6 +64,10 @@ def test_train_localization_checkpoints_and_resume(clips, tmp_path):
     rows = _metrics(out)
     assert [(r["epoch"], r["start_epoch"]) for r in rows] == [(0, 0), (1, 0)]
     assert all(r["steps"] >= 1 and r["train_loss"] > 0 and 0 <= r["data_wait_fraction"] <= 1 for r in rows)
+    assert [r["torch_threads"] for r in rows] == [1, 1]  # a 1-CPU worker's default
+    # cosine schedule, per step: half the peak after the first of two equal epochs, 0 at the end
+    assert rows[0]["steps"] == rows[1]["steps"]
+    assert rows[0]["lr"] == pytest.approx(0.5e-3) and rows[1]["lr"] == 0.0
     assert {"val_ciou50_own_audio", "val_auc_own_audio", "val_ciou50_silent_audio"} <= set(rows[-1])
     model, ckpt = load_checkpoint(out / "model.pt")
     assert ckpt["model"] == "localization" and ckpt["extra"]["epoch"] == 1
@@ -75,6 +79,7 @@ def test_train_localization_checkpoints_and_resume(clips, tmp_path):
     assert run(TrainConfig(**{**cfg.__dict__, "epochs": 3, "resume": True})) == 0
     rows = _metrics(out)
     assert [(r["epoch"], r["start_epoch"]) for r in rows] == [(0, 0), (1, 0), (2, 2)]  # only epoch 2 trained
+    assert rows[2]["lr"] == 0.0  # the schedule resumed at its step (2 of 3 epochs done), now over 3 epochs
     assert load_checkpoint(out / "model.pt")[1]["extra"]["epoch"] == 2
     metrics = _evaluate("localization", out, clips, tmp_path / "eval")
     assert set(metrics) >= {"ciou50_own_audio", "auc_other_audio", "ciou50_silent_audio", "clips_with_box"}
@@ -86,9 +91,10 @@ def test_train_localization_checkpoints_and_resume(clips, tmp_path):
 def test_train_separation_audio_visual(clips, tmp_path):
     out = tmp_path / "sep"
     assert run(TrainConfig(task="separation", data=str(clips), out=str(out), epochs=1, batch_size=4,
-                           val_fraction=0.25)) == 0
+                           val_fraction=0.25, torch_threads=2, lr_schedule="constant", lr=2e-3)) == 0
     (row,) = _metrics(out)
     assert row["val_mixtures"] >= 1
+    assert row["torch_threads"] == 2 and row["lr"] == 2e-3
     assert {"val_si_sdri", "val_sdri", "val_si_sdri_wrong_visual"} <= set(row)
     assert load_checkpoint(out / "model.pt")[0].cfg.audio_only is False
     assert {"si_sdri", "sdri", "si_sdri_wrong_visual", "mixtures"} <= set(_evaluate("separation", out, clips, tmp_path / "eval"))
@@ -164,3 +170,50 @@ def test_split_reads_only_each_splits_files_when_files_hold_one_video(ray_local,
     for v in ("aa", "cc"):
         (one / f"{v}.parquet").write_bytes(b"not parquet")
     assert [r["x"] for r in valid.take_all()] == [0, 1]
+
+
+@pytest.mark.parametrize("name", ["localization", "separation", "captioning"])
+def test_ray_data_prepares_the_batches_collate_gives(clips, name):
+    """avray train runs task.prepare in Ray Data (map_batches) and the worker only makes tensors
+    and floats (to_model): the same batch as task.collate in one process. Images travel as uint8,
+    channels first."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data
+    import torch
+
+    from jobs.tasks import TASKS, CaptioningTask, to_model
+    from jobs.train import prepared
+    from pipelines.schema import decode_clip_batch
+
+    task = TASKS[name] if name != "captioning" else CaptioningTask(("<pad>", "<bos>", "<eos>", "<unk>", "a", "red"))
+    files = sorted(str(p) for p in clips.glob("*.parquet"))[:2]
+    cols = [c for c in task.columns if c in pq.read_schema(files[0]).names]
+    table = pa.concat_tables([pq.read_table(f, columns=cols) for f in files])
+    rows = table.num_rows
+    ctx = ray.data.DataContext.get_current()
+    order, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:
+        (from_ray,) = list(prepared(ray.data.read_parquet(files, columns=cols), task, rows).iter_torch_batches(batch_size=rows))
+    finally:
+        ctx.execution_options.preserve_order = order
+    numpy_batch = {c: table.column(c).combine_chunks().to_numpy(zero_copy_only=False) for c in cols}
+    mine = task.collate(numpy_batch)
+    got = to_model(from_ray)
+    assert list(got) == list(mine)
+    for k in mine:
+        assert got[k].dtype == mine[k].dtype and torch.equal(got[k], mine[k]), k
+    frames = decode_clip_batch(numpy_batch)["frames"]  # uint8 (B, T, H, W, 3)
+    B, T = frames.shape[:2]
+    as_float = torch.from_numpy(np.moveaxis(frames, -1, -3).astype(np.float32) / 255)  # (B, T, 3, H, W)
+    if name == "localization":
+        assert from_ray["frame"].dtype == torch.uint8 and tuple(from_ray["frame"].shape) == (B, 3, 64, 64)
+        assert torch.equal(mine["frame"], as_float[:, T // 2])
+    elif name == "separation":
+        assert from_ray["faces"].dtype == torch.uint8 and tuple(from_ray["faces"].shape) == (B, T, 3, 48, 48)
+        area = torch.nn.functional.interpolate(as_float.flatten(0, 1), size=(48, 48), mode="area")
+        assert (mine["faces"].flatten(0, 1) - area).abs().max() <= 0.5 / 255 + 1e-6  # rounded to uint8
+    else:
+        assert from_ray["frames"].dtype == torch.uint8 and torch.equal(mine["frames"], as_float)
+        assert from_ray["tokens"].dtype == torch.int64 and tuple(from_ray["tokens"].shape) == (B, 24)
