@@ -212,7 +212,7 @@ REUSE: dict[str, dict] = {}  # --eval-only: run name -> its training record from
 
 
 def train(work: Path, run: str, task: str, preset: str, data: Path, epochs: int, batch: int, lr: float,
-          val_fraction: float = 0.1) -> dict:
+          val_fraction: float = 0.1, torch_threads: int = 0) -> dict:
     if REUSE:
         if run not in REUSE:
             raise FileNotFoundError(f"--eval-only: no earlier training record of {run} in {work / 'results'}")
@@ -222,6 +222,8 @@ def train(work: Path, run: str, task: str, preset: str, data: Path, epochs: int,
     cmd = [AVRAY, "train", "--task", task, "--data", rel(data), "--out", rel(out), "--preset", preset,
            "--epochs", str(epochs), "--batch-size", str(batch), "--lr", f"{lr:g}", "--val-fraction", f"{val_fraction:g}",
            "--use-gpu", "no", "--address", "local"]  # a Ray of its own, even when another one runs on the machine
+    if torch_threads:
+        cmd += ["--torch-threads", str(torch_threads)]
     wall = sh(cmd, work / f"{run}.log")
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     return {"command": " ".join(["avray"] + cmd[1:]), "wall_s": wall, "epochs": len(rows),
@@ -245,7 +247,7 @@ def bar(name: str, value: float, target: str, ok: bool, shown: str | None = None
 
 
 def run_localization(work: Path, args, train_clips: Path, held: Path) -> dict:
-    t = train(work, "localization", "localization", args.loc_preset, train_clips, args.loc_epochs, 32, args.loc_lr)
+    t = train(work, "localization", "localization", args.loc_preset, train_clips, args.loc_epochs, 32, args.loc_lr, torch_threads=args.torch_threads)
     e = evaluate(work, "localization", "localization", t["checkpoint"], held)
     m = e["metrics"]
     own, silent = m["ciou50_own_audio"], m["ciou50_silent_audio"]
@@ -260,7 +262,7 @@ def run_separation(work: Path, args, train_clips: Path, held: Path) -> dict:
     jobs = {"separation-av": args.sep_preset, "separation-audio-only": f"{args.sep_preset}-audio-only"}
 
     def one(run: str) -> tuple[dict, dict]:
-        t = train(work, run, "separation", jobs[run], train_clips, args.sep_epochs, 32, args.sep_lr, args.val_fraction)
+        t = train(work, run, "separation", jobs[run], train_clips, args.sep_epochs, 32, args.sep_lr, args.val_fraction, torch_threads=args.torch_threads)
         return t, evaluate(work, run, "separation", t["checkpoint"], held)
 
     if args.parallel:  # both trainings at once, one core each (each wall time is then an upper bound)
@@ -283,7 +285,7 @@ def run_captioning(work: Path, args, train_clips: Path, held: Path) -> dict:
     train_clips, c_train = resized_data(work, "train", args.cap_size, args.fps)
     held, c_held = resized_data(work, "heldout", args.cap_size, args.fps)
     t = train(work, "captioning", "captioning", args.cap_preset, train_clips, args.cap_epochs, 32, args.cap_lr,
-              args.val_fraction)
+              args.val_fraction, torch_threads=args.torch_threads)
     e = evaluate(work, "captioning", "captioning", t["checkpoint"], held)
     m = e["metrics"]
     acc, acc0 = m["sounding_object_acc_audio"], m["sounding_object_acc_no_audio"]
@@ -337,7 +339,7 @@ def run_speech(work: Path, args) -> dict:
     train_clips, train_info = speech_data(work, "train", SPEECH_TRAIN, hop=2.0)
     test_clips, test_info = speech_data(work, "test", SPEECH_TEST, hop=0.5)
     t = train(work, "speech-audio-only", "separation", "tiny-audio-only", train_clips, args.speech_epochs, 32,
-              args.sep_lr, args.val_fraction)
+              args.sep_lr, args.val_fraction, torch_threads=args.torch_threads)
     if not REUSE:  # the training record first: an evaluation that fails can be redone with --eval-only
         (work / "results" / "speech.json").write_text(json.dumps({"train": t}, indent=2, default=str))
     res = speaker_pair_eval(t["checkpoint"], test_clips)
@@ -375,9 +377,10 @@ def report(work: Path, results: dict[str, dict], meta: dict) -> str:
         f"({meta['train_clips']} clips); the held-out set is made the same way with seed "
         f"{meta['heldout_seed']}: `{meta['data_commands'][2]}` then `{meta['data_commands'][3]}` "
         f"({meta['heldout_clips']} clips, all evaluated). Training: `avray train`, Ray Train with 1 worker "
-        f"(1 CPU, torch 1 thread) on this machine's 2 cores, while Ray Data reads on the other; the wall time is "
-        f"the whole command (Ray start, per-epoch validation and checkpoints). The machine was shared with "
-        f"other work during these runs, so wall times are noisy (upper bounds).",
+        f"(1 CPU, torch threads as each command says: 1 unless `--torch-threads`) on this machine's 2 cores, "
+        f"Ray Data reading and preparing batches beside it; the wall time is the whole command (Ray start, "
+        f"per-epoch validation and checkpoints). Commands with `--torch-threads` ran alone on the machine; "
+        f"the others (earlier sessions) shared it with other work, so their wall times are upper bounds.",
         "",
     ]
     if "localization" in results:
@@ -482,6 +485,9 @@ def main() -> None:
     ap.add_argument("--cap-lr", type=float, default=1e-3)
     ap.add_argument("--cap-size", type=int, default=64, help="frame side for captioning (the tiny preset's 64 px)")
     ap.add_argument("--speech-epochs", type=int, default=5)
+    ap.add_argument("--torch-threads", type=int, default=2,
+                    help="avray train --torch-threads (default 2: this machine's cores; Ray Data prepares "
+                         "batches beside the worker)")
     ap.add_argument("--val-fraction", type=float, default=0.03,
                     help="avray train's validation share for separation, captioning and speech (default 0.03: "
                          "per-epoch validation is time inside the training budget; the bars use the held-out set)")

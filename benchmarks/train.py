@@ -63,15 +63,6 @@ def make_data(work: Path, videos: int, seconds: float, size: int, fps: float) ->
     return data / "clips"
 
 
-def to_numpy_batch(table) -> dict[str, Any]:
-    """pyarrow Table -> dict of numpy arrays, exactly as Ray Data's `batch_format="numpy"` does
-    it (ArrowBlockAccessor.to_numpy: combine each column's chunks, then
-    `to_numpy(zero_copy_only=False)`): numbers become numeric arrays, binary/string/list
-    columns object arrays of bytes / str / int32 arrays."""
-    return {name: table.column(name).combine_chunks().to_numpy(zero_copy_only=False)
-            for name in table.column_names}
-
-
 def train_columns(clips: Path, task) -> list[str]:
     """The task's columns that the clip files hold (what jobs.train.run asks Ray Data for)."""
     import pyarrow.parquet as pq
@@ -95,6 +86,8 @@ def numpy_batches(clips: Path, columns: list[str], held_out, batch_size: int,
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
+    from pipelines.schema import numpy_batch
+
     scanner = pads.dataset(str(clips), format="parquet").scanner(
         columns=columns, filter=~pc.field("video_id").isin(held_out))
     buf: list = []
@@ -106,11 +99,11 @@ def numpy_batches(clips: Path, columns: list[str], held_out, batch_size: int,
         rows += rb.num_rows
         while rows >= batch_size:
             table = pa.Table.from_batches(buf)
-            yield to_numpy_batch(table.slice(0, batch_size))
+            yield numpy_batch(table.slice(0, batch_size))
             rest = table.slice(batch_size)
             buf, rows = rest.to_batches(), rest.num_rows
     if rows and not drop_last:
-        yield to_numpy_batch(pa.Table.from_batches(buf))
+        yield numpy_batch(pa.Table.from_batches(buf))
 
 
 def task_for(name: str, clips: Path, columns: list[str], held_out):
@@ -124,29 +117,25 @@ def task_for(name: str, clips: Path, columns: list[str], held_out):
 
 
 def check_same_batch(clips: Path, task, columns: list[str], held_out, batch_size: int) -> str:
-    """The first training batch of avray train's pipeline (jobs.train: the training files read
-    with Ray Data, `task.prepare` in `map_batches`, `iter_torch_batches`; read in order for the
+    """The first training batch of avray train's pipeline (jobs.train.clip_dataset: the training
+    files read and `task.prepare`d in Ray Data tasks, `iter_torch_batches`; in order for the
     check) against the plain loop's first batch (`numpy_batches`, `task.prepare`, `as_tensors`):
     same keys, dtypes, shapes and values. Raises AssertionError otherwise."""
-    import warnings
-
     import pyarrow.dataset as pads
     import ray.data
     import torch
 
     from jobs.tasks import as_tensors
-    from jobs.train import _split, prepared
+    from jobs.train import _split, clip_dataset
 
     ctx = ray.data.DataContext.get_current()
     order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # read_parquet(columns=) is deprecated, but it is what jobs.train uses
-            ids = pads.dataset(str(clips), format="parquet").to_table(columns=["video_id", "__filename"])
-            train_ds, _ = _split(ids, held_out, columns)
-            ray_out = next(iter(prepared(train_ds, task, batch_size).iter_torch_batches(
-                batch_size=batch_size, drop_last=True)))
+        ids = pads.dataset(str(clips), format="parquet").to_table(columns=["video_id", "__filename"])
+        train, _ = _split(ids, held_out)
+        ray_out = next(iter(clip_dataset(train, columns, task.prepare, batch_size).iter_torch_batches(
+            batch_size=batch_size, drop_last=True)))
     finally:
         ctx.execution_options.preserve_order = order
     mine = as_tensors(task.prepare(next(numpy_batches(clips, columns, held_out, batch_size))))

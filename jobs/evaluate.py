@@ -46,6 +46,7 @@ def _batches(cfg: EvaluateConfig, columns: list[str]) -> Iterator[dict[str, Any]
     import pyarrow.dataset as pads
 
     from jobs.train import validation_videos
+    from pipelines.schema import numpy_batch
 
     ds = pads.dataset(cfg.data, format="parquet")
     cols = [c for c in columns if c in ds.schema.names]
@@ -53,9 +54,6 @@ def _batches(cfg: EvaluateConfig, columns: list[str]) -> Iterator[dict[str, Any]
     if cfg.split == "val":
         val = validation_videos(ds.to_table(columns=["video_id"]).column("video_id"), cfg.val_fraction)
         flt = pc.is_in(pc.field("video_id"), value_set=val)
-
-    def as_numpy(t: pa.Table) -> dict[str, Any]:
-        return {name: t.column(name).combine_chunks().to_numpy(zero_copy_only=False) for name in t.column_names}
 
     left = cfg.limit
     buf: list = []
@@ -69,13 +67,13 @@ def _batches(cfg: EvaluateConfig, columns: list[str]) -> Iterator[dict[str, Any]
             rows += rb.num_rows
         while rows >= cfg.batch_size:
             table = pa.Table.from_batches(buf)
-            yield as_numpy(table.slice(0, cfg.batch_size))
+            yield numpy_batch(table.slice(0, cfg.batch_size))
             rest = table.slice(cfg.batch_size)
             buf, rows = rest.to_batches(), rest.num_rows
         if left is not None and left <= 0:
             break
     if rows:
-        yield as_numpy(pa.Table.from_batches(buf))
+        yield numpy_batch(pa.Table.from_batches(buf))
 
 
 def run(cfg: EvaluateConfig) -> int:

@@ -123,6 +123,14 @@ def decode_clip_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def numpy_batch(table: pa.Table) -> dict[str, Any]:
+    """A pyarrow Table as the dict of numpy arrays Ray Data's `batch_format="numpy"` gives
+    (ArrowBlockAccessor.to_numpy: each column's chunks combined, then
+    `to_numpy(zero_copy_only=False)`): numbers become numeric arrays, binary / string / list
+    columns object arrays of bytes / str / arrays. `decode_clip_batch` takes it."""
+    return {name: table.column(name).combine_chunks().to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
 def clip_rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     """Clip row dicts (tensors already encoded) -> a table with exactly `schema`."""
     return pa.Table.from_pylist(rows, schema=schema)

@@ -149,7 +149,7 @@ def test_split_reads_only_each_splits_files_when_files_hold_one_video(ray_local,
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
-    from jobs.train import _split
+    from jobs.train import _split, clip_dataset
 
     one, mixed = tmp_path / "one", tmp_path / "mixed"
     one.mkdir()
@@ -161,43 +161,45 @@ def test_split_reads_only_each_splits_files_when_files_hold_one_video(ray_local,
     val = pa.array(["bb"])
     for folder in (one, mixed):
         ids = pads.dataset(str(folder), format="parquet").to_table(columns=["video_id", "__filename"])
-        train, valid = _split(ids, val, ["video_id", "x"])
-        assert sorted(r["video_id"] for r in train.take_all()) == ["aa"] * (3 if folder == one else 2) + ["cc"] * 4
-        assert [r["video_id"] for r in valid.take_all()] == ["bb"] * (2 if folder == one else 1)
+        train, valid = _split(ids, val)
+        assert (train.rows, valid.rows) == ((7, 2) if folder == one else (6, 1))
+        assert (train.val_ids is None) == (folder == one)  # rows are filtered only where files mix both sides
+        for rows_per_task in (1, 3, 100):  # each Ray Data task reads a group of files of about that many rows
+            ds = clip_dataset(train, ["video_id", "x"], rows_per_task=rows_per_task)
+            assert sorted((r["video_id"], r["x"]) for r in ds.take_all()) == (
+                [("aa", i) for i in range(3 if folder == one else 2)] + [("cc", i) for i in range(4)])
+        assert [(r["video_id"], r["x"]) for r in clip_dataset(valid, ["video_id", "x"]).take_all()] == (
+            [("bb", 0), ("bb", 1)] if folder == one else [("bb", 2)])
     # one video per file: validation never opens a training file (they are junk now and it still reads)
     ids = pads.dataset(str(one), format="parquet").to_table(columns=["video_id", "__filename"])
-    train, valid = _split(ids, val, ["video_id", "x"])
+    train, valid = _split(ids, val)
+    assert [Path(f).name for f in train.files] == ["aa.parquet", "cc.parquet"] and train.file_rows == (3, 4)
     for v in ("aa", "cc"):
         (one / f"{v}.parquet").write_bytes(b"not parquet")
-    assert [r["x"] for r in valid.take_all()] == [0, 1]
+    assert [r["x"] for r in clip_dataset(valid, ["video_id", "x"]).take_all()] == [0, 1]
 
 
 @pytest.mark.parametrize("name", ["localization", "separation", "captioning"])
 def test_ray_data_prepares_the_batches_collate_gives(clips, name):
-    """avray train runs task.prepare in Ray Data (map_batches) and the worker only makes tensors
-    and floats (to_model): the same batch as task.collate in one process. Images travel as uint8,
-    channels first."""
+    """avray train runs task.prepare in Ray Data tasks (clip_dataset) and the worker only makes
+    tensors and floats (to_model): the same batch as task.collate in one process. Images travel
+    as uint8, channels first."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import ray.data
     import torch
 
     from jobs.tasks import TASKS, CaptioningTask, to_model
-    from jobs.train import prepared
+    from jobs.train import Split, clip_dataset
     from pipelines.schema import decode_clip_batch
 
     task = TASKS[name] if name != "captioning" else CaptioningTask(("<pad>", "<bos>", "<eos>", "<unk>", "a", "red"))
-    files = sorted(str(p) for p in clips.glob("*.parquet"))[:2]
+    files = tuple(sorted(str(p) for p in clips.glob("*.parquet"))[:2])
     cols = [c for c in task.columns if c in pq.read_schema(files[0]).names]
     table = pa.concat_tables([pq.read_table(f, columns=cols) for f in files])
     rows = table.num_rows
-    ctx = ray.data.DataContext.get_current()
-    order, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
-    try:
-        (from_ray,) = list(prepared(ray.data.read_parquet(files, columns=cols), task, rows).iter_torch_batches(batch_size=rows))
-    finally:
-        ctx.execution_options.preserve_order = order
+    split = Split(files, tuple(pq.read_metadata(f).num_rows for f in files), rows)
+    (from_ray,) = list(clip_dataset(split, cols, task.prepare, rows).iter_torch_batches(batch_size=rows))
     numpy_batch = {c: table.column(c).combine_chunks().to_numpy(zero_copy_only=False) for c in cols}
     mine = task.collate(numpy_batch)
     got = to_model(from_ray)
