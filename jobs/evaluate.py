@@ -37,7 +37,7 @@ class EvaluateConfig:
 
 
 def _batches(cfg: EvaluateConfig, columns: list[str]) -> Iterator[dict[str, Any]]:
-    """Clip rows as the numpy dicts Ray Data hands to collate functions, `cfg.batch_size` rows each
+    """Clip rows as numpy dicts (`pipelines.schema.numpy_batch`), `cfg.batch_size` rows each
     (the last one may be shorter). pyarrow yields at most batch_size rows per record batch and never
     spans two files, and a file holds one video's clips, so record batches are re-batched here:
     separation mixes and localization swaps audio within a batch, which must hold several videos."""
