@@ -479,7 +479,7 @@ def main() -> None:
     ap.add_argument("--loc-epochs", type=int, default=4)
     ap.add_argument("--loc-lr", type=float, default=1e-3)
     ap.add_argument("--sep-preset", default="tiny")
-    ap.add_argument("--sep-epochs", type=int, default=5)
+    ap.add_argument("--sep-epochs", type=int, default=4)
     ap.add_argument("--sep-lr", type=float, default=1e-3)
     ap.add_argument("--sep-batch-size", type=int, default=16,
                     help="default 16: at the same clips/s, twice the steps of 32 (+0.5 dB in 5-minute runs)")
