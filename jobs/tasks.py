@@ -57,10 +57,8 @@ def as_tensors(prepared: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 class Task:
-    """The shared part of the task adapters: `collate` = `prepare`, `as_tensors`, `to_model`."""
-
-    def prepare(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+    """The shared part of the task adapters: `collate` = the subclass's `prepare`, `as_tensors`,
+    `to_model`."""
 
     def collate(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """numpy batch of clip rows -> the model's tensors, in this process."""
