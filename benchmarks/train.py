@@ -248,13 +248,14 @@ def main() -> None:
     import ray
 
     from jobs.tasks import TASKS
-    from jobs.train import TrainConfig, model_config
+    from jobs.train import TrainConfig, keep_idle_workers, model_config
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     clips = make_data(work, args.videos, args.seconds, args.size, args.fps)
     held_out = val_ids(clips)
 
+    keep_idle_workers()  # as avray train does when it starts Ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         threads = ray_worker_threads(work / "probe")
