@@ -26,6 +26,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+SHUFFLE_BATCHES = 8  # --shuffle: batches are drawn from a buffer of this many batches' clips
 IDLE_WORKERS = 4  # idle worker processes a local Ray started by avray keeps (see keep_idle_workers)
 
 
@@ -53,6 +54,9 @@ class TrainConfig:
         "help": "cosine: decay the learning rate per step from --lr to 0 over --epochs; constant: keep it",
         "choices": ("cosine", "constant")})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    shuffle: bool = field(default=True, metadata={
+        "help": f"each epoch, read the training files in a new random order and draw every batch at random "
+                f"from a buffer of {SHUFFLE_BATCHES} batches' clips (--no-shuffle: file order, fixed batches)"})
     val_fraction: float = field(default=0.1, metadata={"help": "share of videos held out for validation"})
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers"})
     torch_threads: int = field(default=0, metadata={
@@ -122,6 +126,15 @@ def on_device(batch, device):
     """A prepared tensor batch moved to `device`, as the model takes it (jobs.tasks.to_model)."""
     from jobs.tasks import to_model
     return to_model({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+
+
+def torch_batches(data, batch_size: int, train: bool, shuffle: bool):
+    """Tensor batches of a Ray Dataset or dataset shard: 2 batches prefetched; in training the
+    last, partial batch is dropped and, with `shuffle`, every batch is drawn at random from a
+    buffer of SHUFFLE_BATCHES batches' rows (a new draw each epoch), so batches do not hold
+    the same clips every epoch, nor always both clips of a video (they share a file)."""
+    return data.iter_torch_batches(batch_size=batch_size, prefetch_batches=2, drop_last=train,
+                                   local_shuffle_buffer_size=SHUFFLE_BATCHES * batch_size if shuffle else None)
 
 
 def train_epoch(model, opt, batches, task, mcfg, gen, device, amp: bool, sched=None) -> dict[str, float]:
@@ -205,9 +218,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def batches(name: str):
         # rows arrive prepared (task.prepare ran in Ray Data tasks); here they only become tensors
-        shard = ray.train.get_dataset_shard(name)
-        return shard.iter_torch_batches(batch_size=config["batch_size"], prefetch_batches=2,
-                                        drop_last=name == "train")
+        train = name == "train"
+        return torch_batches(ray.train.get_dataset_shard(name), config["batch_size"], train=train,
+                             shuffle=train and config["shuffle"])
 
     for epoch in range(start_epoch, config["epochs"]):
         stats = train_epoch(model, opt, batches("train"), task, mcfg, gen, device, amp, sched)
@@ -295,6 +308,7 @@ def run(cfg: TrainConfig) -> int:
                                "run_dir": run_dir, "clip_settings": clip_settings,
                                "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
                                "lr_schedule": cfg.lr_schedule, "torch_threads": cfg.torch_threads,
+                               "shuffle": cfg.shuffle,
                                # drop_last: each worker's shard gives floor(rows / batch) steps
                                "steps_per_epoch": max(1, train_split.rows // (cfg.batch_size * cfg.num_workers))},
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
@@ -302,7 +316,7 @@ def run(cfg: TrainConfig) -> int:
                 name=name, storage_path=storage,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
-            datasets={"train": clip_dataset(train_split, columns, task.prepare, cfg.batch_size),
+            datasets={"train": clip_dataset(train_split, columns, task.prepare, cfg.batch_size, shuffle=cfg.shuffle),
                       "val": clip_dataset(val_split, columns, task.prepare, cfg.batch_size)},
             dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         )
@@ -367,12 +381,13 @@ def _split(ids, val_ids) -> tuple[Split, Split]:
     return side(False), side(True)
 
 
-def clip_dataset(split: Split, columns: list[str], prepare=None, rows_per_task: int = 32):
+def clip_dataset(split: Split, columns: list[str], prepare=None, rows_per_task: int = 32, shuffle: bool = False):
     """A Ray Dataset of a Split's clips, `prepare`d in Ray Data tasks (e.g. task.prepare; None:
     the rows as numpy batches). Each task reads a group of files holding about `rows_per_task`
     rows with pyarrow, then prepares them: a clip store holds one file per video, often of a few
     clips, and read_parquet's cost per file (measured ~10-20 ms on 2 cores, against ~0.7 ms for
-    pyarrow) would otherwise set the pace of training."""
+    pyarrow) would otherwise set the pace of training. `shuffle`: the groups are read in a new
+    random order every time the dataset is iterated (randomize_block_order), else in file order."""
     import ray.data
 
     from pipelines.schema import numpy_batch
@@ -392,8 +407,10 @@ def clip_dataset(split: Split, columns: list[str], prepare=None, rows_per_task: 
         return out if prepare is None else prepare(out)
 
     items = [{"files": g} for g in groups]
-    return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
-        read, batch_size=1, batch_format="numpy")
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))  # one block per group
+    if shuffle:
+        ds = ds.randomize_block_order()
+    return ds.map_batches(read, batch_size=1, batch_format="numpy")
 
 
 def _parts(folder: str) -> list[str]:

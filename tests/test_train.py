@@ -179,6 +179,46 @@ def test_split_reads_only_each_splits_files_when_files_hold_one_video(ray_local,
     assert [r["x"] for r in clip_dataset(valid, ["video_id", "x"]).take_all()] == [0, 1]
 
 
+def test_shuffle_reorders_files_and_redraws_batches_every_epoch(ray_local, tmp_path):
+    """--shuffle: the training files are read in a new order each epoch and every batch is drawn
+    from a buffer of SHUFFLE_BATCHES batches' rows; without it, file order and fixed batches."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from jobs.train import SHUFFLE_BATCHES, _split, clip_dataset, torch_batches
+
+    for i in range(24):
+        pq.write_table(pa.table({"video_id": [f"v{i:02d}"], "x": [i]}), tmp_path / f"v{i:02d}.parquet")
+    ids = pads.dataset(str(tmp_path), format="parquet").to_table(columns=["video_id", "__filename"])
+    train, _ = _split(ids, pa.array(["none"]))
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # completion order would reorder unshuffled rows too
+    try:
+        plain = clip_dataset(train, ["video_id", "x"], rows_per_task=1)
+        shuffled = clip_dataset(train, ["video_id", "x"], rows_per_task=1, shuffle=True)
+        assert [r["x"] for r in plain.take_all()] == list(range(24))
+        orders = [[r["x"] for r in shuffled.take_all()] for _ in range(2)]
+        assert all(sorted(o) == list(range(24)) for o in orders) and orders[0] != orders[1]
+        assert orders[0] != list(range(24))
+
+        numbers = clip_dataset(train, ["x"], rows_per_task=1)  # tensors only: no video_id strings
+
+        def epoch(shuffle: bool) -> list[list[int]]:
+            return [b["x"].tolist() for b in torch_batches(numbers, 4, train=True, shuffle=shuffle)]
+
+        assert epoch(False) == [list(range(i, i + 4)) for i in range(0, 24, 4)]
+        first, second = epoch(True), epoch(True)
+        assert SHUFFLE_BATCHES * 4 > 24  # the buffer holds every row here: any row can join any batch
+        for batches in (first, second):
+            assert [len(b) for b in batches] == [4] * 6 and sorted(sum(batches, [])) == list(range(24))
+        assert first != second and first != epoch(False)
+    finally:
+        ctx.execution_options.preserve_order = before
+
+
 @pytest.mark.parametrize("name", ["localization", "separation", "captioning"])
 def test_ray_data_prepares_the_batches_collate_gives(clips, name):
     """avray train runs task.prepare in Ray Data tasks (clip_dataset) and the worker only makes
