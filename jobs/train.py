@@ -55,8 +55,8 @@ class TrainConfig:
         "choices": ("cosine", "constant")})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
     shuffle: bool = field(default=True, metadata={
-        "help": f"each epoch, read the training files in a new random order and draw every batch at random "
-                f"from a buffer of {SHUFFLE_BATCHES} batches' clips (--no-shuffle: file order, fixed batches)"})
+        "help": f"each epoch, draw every training batch at random from a buffer of {SHUFFLE_BATCHES} batches' "
+                f"clips (--no-shuffle: file order, the same batches every epoch)"})
     val_fraction: float = field(default=0.1, metadata={"help": "share of videos held out for validation"})
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers"})
     torch_threads: int = field(default=0, metadata={
@@ -316,7 +316,7 @@ def run(cfg: TrainConfig) -> int:
                 name=name, storage_path=storage,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
-            datasets={"train": clip_dataset(train_split, columns, task.prepare, cfg.batch_size, shuffle=cfg.shuffle),
+            datasets={"train": clip_dataset(train_split, columns, task.prepare, cfg.batch_size),
                       "val": clip_dataset(val_split, columns, task.prepare, cfg.batch_size)},
             dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         )
@@ -381,13 +381,14 @@ def _split(ids, val_ids) -> tuple[Split, Split]:
     return side(False), side(True)
 
 
-def clip_dataset(split: Split, columns: list[str], prepare=None, rows_per_task: int = 32, shuffle: bool = False):
+def clip_dataset(split: Split, columns: list[str], prepare=None, rows_per_task: int = 32):
     """A Ray Dataset of a Split's clips, `prepare`d in Ray Data tasks (e.g. task.prepare; None:
     the rows as numpy batches). Each task reads a group of files holding about `rows_per_task`
     rows with pyarrow, then prepares them: a clip store holds one file per video, often of a few
     clips, and read_parquet's cost per file (measured ~10-20 ms on 2 cores, against ~0.7 ms for
-    pyarrow) would otherwise set the pace of training. `shuffle`: the groups are read in a new
-    random order every time the dataset is iterated (randomize_block_order), else in file order."""
+    pyarrow) would otherwise set the pace of training. The groups are read in file order
+    (`randomize_block_order` on them breaks `streaming_split` in Ray 2.58: the coordinator cannot
+    register callbacks on blocks the driver owns); `torch_batches` shuffles rows."""
     import ray.data
 
     from pipelines.schema import numpy_batch
@@ -407,10 +408,8 @@ def clip_dataset(split: Split, columns: list[str], prepare=None, rows_per_task: 
         return out if prepare is None else prepare(out)
 
     items = [{"files": g} for g in groups]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))  # one block per group
-    if shuffle:
-        ds = ds.randomize_block_order()
-    return ds.map_batches(read, batch_size=1, batch_format="numpy")
+    return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+        read, batch_size=1, batch_format="numpy")
 
 
 def _parts(folder: str) -> list[str]:

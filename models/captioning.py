@@ -16,23 +16,21 @@ tell frames apart. The vocabulary lives in the config (`CaptioningConfig.vocab`)
 rebuilds the model with its words. `caption_loss` adds the doubly stochastic penalty (eq. 14).
 
 Departures in the tiny preset (measured on the synthetic scenes, BENCHMARKS.md): the encoder sees
-every 4th frame of a clip (`frame_stride`; 16 frames at 8 fps -> 4 frames, 2 per second). Each
+every 8th frame of a clip (`frame_stride`; 16 frames at 8 fps -> 2 frames, at 0 and 1 s). Each
 decoder step attends over all T*h*w cells, so at 16 frames (1024 cells) the decoder, not the CNN,
 set the pace (~30 clips/s on one core, 2 epochs in the 15-minute budget); at 4 frames (256 cells)
 it trains ~4.5x faster in a plain loop over clips held in memory, and more epochs outweigh the
 lost frames: on the held-out clips, 5 minutes (7 epochs) of that loop named the sounding object
 first in 70 % of the captions, against 47.5 % for `avray train`'s 2 epochs at 16 frames (the
 object sounding longest is told by the audio, which the model must learn to map to a colour and a
-shape). Tried in the same loop and not kept (5 minutes each): audio in the
-attention query and in the deep output (audio-guided attention), 68 %; an audio CNN twice as wide
-(D = 64) with lr 2e-3, 65 % (22 % slower per step; alone, trained to name the longest-sounding
-object from the log-mel, the tiny audio CNN reaches 85 % at width 8 and 87.5 % at width 16, so
-the audio can tell the sounding object in most clips). Under `avray train` (Ray Data reading
-and preparing batches on the second core) the tiny preset trains at ~100 clips/s at batch 16
-(70 when Ray Data read a task per file): 12 epochs with a cosine learning rate in 13.5 minutes,
-75.4 % sounding object named first on the held-out clips (37.5 % without audio), short of the
-issue's 80 %; validation accuracy was still rising (0.49 -> 0.78 over the 12 epochs). 8 epochs
-gave 69.2 %, and 9 epochs at batch 32 with a constant rate 70.4 %.
+shape). At 2 frames (128 cells) the visual CNN's cost halves again: 192 against 119 clips/s per
+training step on one thread (batch 16), and under `avray train` 20 epochs fit the 15 minutes
+where 12 did at 4 frames (~155 against ~100 clips/s): the sounding object named first in 80.0 %
+of held-out captions, against 75.4 % (45.0 % and 37.5 % without audio). Tried in the 5-minute
+loop and not kept: audio in the attention query and in the deep output (audio-guided attention),
+68 %; an audio CNN twice as wide (D = 64) with lr 2e-3, 65 % (22 % slower per step; alone,
+trained to name the longest-sounding object from the log-mel, the tiny audio CNN reaches 85 % at
+width 8 and 87.5 % at width 16, so the audio can tell the sounding object in most clips).
 """
 
 from __future__ import annotations
@@ -146,8 +144,8 @@ class CaptioningConfig:
 
 def _tiny(vocab: tuple[str, ...]) -> CaptioningConfig:
     # 0.39 M parameters (389,932 + 129 per word); 64 px frames -> 8 x 8 cells per frame; trains on 2 CPU cores.
-    # Every 4th frame (a 16-frame clip at 8 fps -> 4 frames, 256 cells): 4x fewer attention cells per
-    # decoder step, so ~4.5x more clips per second in training (see the module docstring).
+    # Every 8th frame (a 16-frame clip at 8 fps -> 2 frames, 128 cells): 8x fewer attention cells per
+    # decoder step and 8x fewer frames through the CNN than every frame (see the module docstring).
     return CaptioningConfig(vocab=tuple(vocab), frame_stride=8)
 
 

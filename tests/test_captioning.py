@@ -60,8 +60,8 @@ def test_tiny_shapes_forward_backward_attention():
     model = Captioner(preset("tiny", WORDS)).train()
     frames, logmel, caps = _inputs()
     out = model(frames, logmel, caps)
-    assert model.cfg.frame_stride == 4
-    cells = 1 * 9 * 9  # tiny: every 4th frame (frame 0 of T = 3); visual stride 8, 67 px -> 9 x 9 cells per frame
+    assert model.cfg.frame_stride == 8
+    cells = 1 * 9 * 9  # tiny: every 8th frame (frame 0 of T = 3); visual stride 8, 67 px -> 9 x 9 cells per frame
     assert out["logits"].shape == (B, L, len(WORDS)) and out["alphas"].shape == (B, L, cells)
     torch.testing.assert_close(out["alphas"].sum(-1), torch.ones(B, L))
     assert (out["alphas"] >= 0).all()

@@ -116,16 +116,17 @@ def test_killed_worker_resumes_from_last_checkpoint(clips, tmp_path):
                     if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE":
                         os.kill(a["Pid"], signal.SIGKILL)  # a process this test's Ray run started
                         killed.append(a["Pid"])
-            time.sleep(0.2)
+            time.sleep(0.05)
 
     t = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     t.start()
-    assert run(TrainConfig(task="localization", data=str(clips), out=str(out), epochs=5, batch_size=4,
+    # epochs of this tiny set take well under a second: enough of them that the kill lands mid-run
+    assert run(TrainConfig(task="localization", data=str(clips), out=str(out), epochs=20, batch_size=4,
                            val_fraction=0.25, max_failures=1)) == 0
     t.join()
     assert killed, "no worker was killed"
     rows = _metrics(out)
-    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["epoch"] for r in rows] == list(range(20))
     assert rows[0]["start_epoch"] == 0 and rows[-1]["start_epoch"] >= 1  # resumed, not restarted
 
 
@@ -179,9 +180,9 @@ def test_split_reads_only_each_splits_files_when_files_hold_one_video(ray_local,
     assert [r["x"] for r in clip_dataset(valid, ["video_id", "x"]).take_all()] == [0, 1]
 
 
-def test_shuffle_reorders_files_and_redraws_batches_every_epoch(ray_local, tmp_path):
-    """--shuffle: the training files are read in a new order each epoch and every batch is drawn
-    from a buffer of SHUFFLE_BATCHES batches' rows; without it, file order and fixed batches."""
+def test_shuffle_redraws_batches_every_epoch(ray_local, tmp_path):
+    """--shuffle: every training batch is drawn from a buffer of SHUFFLE_BATCHES batches' rows, a
+    new draw each epoch; without it, file order and the same batches every epoch."""
     import pyarrow as pa
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
@@ -193,19 +194,11 @@ def test_shuffle_reorders_files_and_redraws_batches_every_epoch(ray_local, tmp_p
         pq.write_table(pa.table({"video_id": [f"v{i:02d}"], "x": [i]}), tmp_path / f"v{i:02d}.parquet")
     ids = pads.dataset(str(tmp_path), format="parquet").to_table(columns=["video_id", "__filename"])
     train, _ = _split(ids, pa.array(["none"]))
+    numbers = clip_dataset(train, ["x"], rows_per_task=1)  # tensors only: no video_id strings
     ctx = ray.data.DataContext.get_current()
     before = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # completion order would reorder unshuffled rows too
     try:
-        plain = clip_dataset(train, ["video_id", "x"], rows_per_task=1)
-        shuffled = clip_dataset(train, ["video_id", "x"], rows_per_task=1, shuffle=True)
-        assert [r["x"] for r in plain.take_all()] == list(range(24))
-        orders = [[r["x"] for r in shuffled.take_all()] for _ in range(2)]
-        assert all(sorted(o) == list(range(24)) for o in orders) and orders[0] != orders[1]
-        assert orders[0] != list(range(24))
-
-        numbers = clip_dataset(train, ["x"], rows_per_task=1)  # tensors only: no video_id strings
-
         def epoch(shuffle: bool) -> list[list[int]]:
             return [b["x"].tolist() for b in torch_batches(numbers, 4, train=True, shuffle=shuffle)]
 
@@ -258,4 +251,10 @@ def test_ray_data_prepares_the_batches_collate_gives(clips, name):
         assert (mine["faces"].flatten(0, 1) - area).abs().max() <= 0.5 / 255 + 1e-6  # rounded to uint8
     else:
         assert from_ray["frames"].dtype == torch.uint8 and torch.equal(mine["frames"], as_float)
-        assert from_ray["tokens"].dtype == torch.int64 and tuple(from_ray["tokens"].shape) == (B, 24)
+        from jobs.tasks import clip_captions
+        from models.captioning import tokenize
+
+        # <bos> words <eos>, padded to the batch's longest caption, at most max_len (24) ids (video ids
+        # hash the media paths, which differ per pytest run: the files, hence captions, vary)
+        longest = min(24, max(len(tokenize(c)) + 2 for c in clip_captions(numpy_batch)))
+        assert from_ray["tokens"].dtype == torch.int64 and tuple(from_ray["tokens"].shape) == (B, longest)
