@@ -10,11 +10,11 @@ batch size, number of epochs and training split (jobs.train.validation_videos):
       of jobs.train.train_loop_per_worker: task.prepare (in the training thread), tensors,
       task.step, AdamW, drop_last, with the same torch thread count as the Ray Train worker;
   (b) `avray train` (jobs.train.run, --num-workers 1, no GPU, constant learning rate like
-      the plain loop) on a local Ray started with 2 CPUs before the clock starts: Ray Data
-      reads and runs task.prepare in its tasks, the worker steps; samples/s and the data-wait
-      fraction come from RUN/metrics.jsonl, measured inside the worker over the training pass
-      only (validation and checkpointing excluded); the wall time of the whole run() call is
-      reported too.
+      the plain loop, its default shuffling of batches) on a local Ray started with 2 CPUs
+      before the clock starts: Ray Data reads and runs task.prepare in its tasks, the worker
+      steps; samples/s and the data-wait fraction come from RUN/metrics.jsonl, measured
+      inside the worker over the training pass only (validation and checkpointing excluded);
+      the wall time of the whole run() call is reported too.
 The first batch of both is checked to be identical (keys, dtypes, shapes, values).
 
 "Data wait" is the time spent in `next()` on the batch iterator (reading, filtering and
@@ -327,7 +327,9 @@ def main() -> None:
         + (f", avray train gets --torch-threads {n_threads}" if args.torch_threads else "") + "). "
         "The plain loop reads and prepares (task.prepare) in its training thread; avray train reads and "
         "prepares in Ray Data tasks on the other CPU (map_batches) and the worker only turns the prepared "
-        "arrays into tensors (iter_torch_batches, prefetch_batches=2). "
+        "arrays into tensors (iter_torch_batches, prefetch_batches=2), drawing each batch from a buffer of "
+        "8 batches' clips (its default `--shuffle`; the plain loop keeps file order). A local Ray keeps "
+        "4 idle workers, as `avray train` sets it up (jobs.train.keep_idle_workers). "
         "Wall s of `run()` include starting the worker, validation and a checkpoint every epoch.",
     ]
     md = "\n".join(lines)
