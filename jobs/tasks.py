@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from models.caption_metrics import bleu4, cider, sounding_object_accuracy
-from models.captioning import PRESETS as CAP_PRESETS, caption_loss, decode, encode_batch
+from models.captioning import PAD, PRESETS as CAP_PRESETS, caption_loss, decode, encode_batch
 from models.localization import PRESETS as LOC_PRESETS, audio_window, heatmap, localization_loss
 from models.metrics import auc_success, ciou, ciou_at
 from models.separation import PRESETS as SEP_PRESETS, mix_and_separate_batch, separation_loss
@@ -275,14 +275,18 @@ class CaptioningTask(Task):
         self.vocab, self.max_len = vocab, max_len
 
     def prepare(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """-> frames uint8 (B, T, 3, H, W), logmel float (B, M, N), tokens int64 (B, L):
-        <bos> ... <eos> <pad>..."""
+        """-> frames uint8 (B, T, 3, H, W), logmel float (B, M, N), tokens int64 (B, max_len):
+        <bos> ... <eos> <pad>... Every row is max_len wide, so that rows prepared in different
+        Ray Data tasks make one batch (a shuffled batch mixes them)."""
         b = decode_clip_batch(batch)
+        tokens = encode_batch(clip_captions(batch), self.vocab, self.max_len)  # (B, L <= max_len)
+        tokens = F.pad(tokens, (0, self.max_len - tokens.shape[1]), value=PAD)
         return {"frames": _channels_first(b["frames"]), "logmel": np.ascontiguousarray(b["logmel"]),
-                "tokens": encode_batch(clip_captions(batch), self.vocab, self.max_len).numpy()}
+                "tokens": tokens.numpy()}
 
     def step(self, model, batch, cfg, gen=None) -> dict[str, torch.Tensor]:
         tokens = batch["tokens"]
+        tokens = tokens[:, : int((tokens != PAD).sum(dim=1).max())]  # the batch's longest caption
         out = model(batch["frames"], batch["logmel"], tokens[:, :-1])
         return caption_loss(out, tokens[:, 1:], cfg)
 

@@ -75,6 +75,25 @@ def test_tiny_shapes_forward_backward_attention():
     assert single["alphas"].shape == (B, L, 81)
 
 
+def test_task_step_decodes_only_up_to_the_longest_caption_of_fixed_width_tokens():
+    """CaptioningTask.prepare pads tokens to max_len (rows of any Ray Data task stack into a
+    batch); its step trims the trailing all-<pad> columns, so the decoder runs no extra steps."""
+    from jobs.tasks import CaptioningTask
+
+    torch.manual_seed(0)
+    model = Captioner(preset("tiny", WORDS)).eval()  # eval: no dropout, the same loss twice
+    frames, logmel, caps = _inputs()
+    caps[:, -2:] = PAD  # the longest caption is L - 2 ids
+    task = CaptioningTask(WORDS, max_len=L + 5)
+    steps: list[int] = []
+    forward = model.forward
+    model.forward = lambda f, m, c: steps.append(c.shape[1]) or forward(f, m, c)
+    fixed = torch.cat([caps, torch.full((B, 5), PAD)], dim=1)  # (B, max_len), as prepare gives it
+    got = task.step(model, {"frames": frames, "logmel": logmel, "tokens": fixed}, model.cfg)
+    ref = caption_loss(forward(frames, logmel, caps[:, : L - 3]), caps[:, 1 : L - 2], model.cfg)
+    assert steps == [L - 3] and torch.equal(got["loss"], ref["loss"])
+
+
 def test_frame_stride_attends_to_every_kth_frame():
     torch.manual_seed(4)
     cfg = CaptioningConfig(vocab=WORDS, frame_stride=2)
