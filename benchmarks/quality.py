@@ -484,7 +484,7 @@ def main() -> None:
     ap.add_argument("--sep-batch-size", type=int, default=16,
                     help="default 16: at the same clips/s, twice the steps of 32 (+0.5 dB in 5-minute runs)")
     ap.add_argument("--cap-preset", default="tiny")
-    ap.add_argument("--cap-epochs", type=int, default=20)
+    ap.add_argument("--cap-epochs", type=int, default=18)
     ap.add_argument("--cap-lr", type=float, default=1e-3)
     ap.add_argument("--cap-batch-size", type=int, default=16)
     ap.add_argument("--cap-torch-threads", type=int, default=1,
