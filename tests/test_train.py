@@ -106,27 +106,35 @@ def test_killed_worker_resumes_from_last_checkpoint(clips, tmp_path):
     out = tmp_path / "killed"
     killed: list[int] = []
 
+    earlier = set(ray_state.actors())  # other tests' workers, dead or dying
+
     def kill_after_first_checkpoint():
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not killed:
-            # epoch 1's line exists only after report() returned for epoch 0: its checkpoint is registered
-            lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-            if len(lines) >= 2:
-                for a in ray_state.actors().values():
-                    if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE":
-                        os.kill(a["Pid"], signal.SIGKILL)  # a process this test's Ray run started
-                        killed.append(a["Pid"])
+        pids: list[int] = []
+        while time.monotonic() < deadline and not pids:  # find the worker first: the kill must not wait on the GCS
+            pids = [a["Pid"] for i, a in ray_state.actors().items() if i not in earlier
+                    and a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE"]
             time.sleep(0.05)
+        snapshot = out / "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
+        while time.monotonic() < deadline and pids and not killed:
+            try:
+                registered = json.loads(snapshot.read_text())["checkpoint_results"]
+            except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
+                registered = []
+            if registered:
+                os.kill(pids[0], signal.SIGKILL)  # a process this test's Ray run started
+                killed.append(pids[0])
+            time.sleep(0.01)
 
     t = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     t.start()
     # epochs of this tiny set take well under a second: enough of them that the kill lands mid-run
-    assert run(TrainConfig(task="localization", data=str(clips), out=str(out), epochs=20, batch_size=4,
+    assert run(TrainConfig(task="localization", data=str(clips), out=str(out), epochs=30, batch_size=4,
                            val_fraction=0.25, max_failures=1)) == 0
     t.join()
     assert killed, "no worker was killed"
     rows = _metrics(out)
-    assert [r["epoch"] for r in rows] == list(range(20))
+    assert [r["epoch"] for r in rows] == list(range(30))
     assert rows[0]["start_epoch"] == 0 and rows[-1]["start_epoch"] >= 1  # resumed, not restarted
 
 
@@ -194,11 +202,11 @@ def test_shuffle_redraws_batches_every_epoch(ray_local, tmp_path):
         pq.write_table(pa.table({"video_id": [f"v{i:02d}"], "x": [i]}), tmp_path / f"v{i:02d}.parquet")
     ids = pads.dataset(str(tmp_path), format="parquet").to_table(columns=["video_id", "__filename"])
     train, _ = _split(ids, pa.array(["none"]))
-    numbers = clip_dataset(train, ["x"], rows_per_task=1)  # tensors only: no video_id strings
     ctx = ray.data.DataContext.get_current()
     before = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # completion order would reorder unshuffled rows too
     try:
+        numbers = clip_dataset(train, ["x"], rows_per_task=1)  # after the setting: a dataset keeps its context
         def epoch(shuffle: bool) -> list[list[int]]:
             return [b["x"].tolist() for b in torch_batches(numbers, 4, train=True, shuffle=shuffle)]
 
