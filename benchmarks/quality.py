@@ -212,7 +212,8 @@ REUSE: dict[str, dict] = {}  # --eval-only: run name -> its training record from
 
 
 def train(work: Path, run: str, task: str, preset: str, data: Path, epochs: int, batch: int, lr: float,
-          val_fraction: float = 0.1, torch_threads: int = 0, shuffle: bool = True) -> dict:
+          val_fraction: float = 0.1, torch_threads: int = 0, shuffle: bool = True,
+          lr_schedule: str = "cosine") -> dict:
     if REUSE:
         if run not in REUSE:
             raise FileNotFoundError(f"--eval-only: no earlier training record of {run} in {work / 'results'}")
@@ -226,6 +227,8 @@ def train(work: Path, run: str, task: str, preset: str, data: Path, epochs: int,
         cmd += ["--torch-threads", str(torch_threads)]
     if not shuffle:
         cmd += ["--no-shuffle"]
+    if lr_schedule != "cosine":
+        cmd += ["--lr-schedule", lr_schedule]
     wall = sh(cmd, work / f"{run}.log")
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     return {"command": " ".join(["avray"] + cmd[1:]), "wall_s": wall, "epochs": len(rows),
@@ -250,7 +253,7 @@ def bar(name: str, value: float, target: str, ok: bool, shown: str | None = None
 
 def run_localization(work: Path, args, train_clips: Path, held: Path) -> dict:
     t = train(work, "localization", "localization", args.loc_preset, train_clips, args.loc_epochs, 32, args.loc_lr,
-              torch_threads=args.torch_threads, shuffle=args.loc_shuffle)
+              torch_threads=args.torch_threads, shuffle=args.loc_shuffle, lr_schedule=args.loc_lr_schedule)
     e = evaluate(work, "localization", "localization", t["checkpoint"], held)
     m = e["metrics"]
     own, silent = m["ciou50_own_audio"], m["ciou50_silent_audio"]
@@ -481,10 +484,10 @@ def main() -> None:
     ap.add_argument("--loc-preset", default="tiny")
     ap.add_argument("--loc-epochs", type=int, default=4)
     ap.add_argument("--loc-lr", type=float, default=1e-3)
-    ap.add_argument("--loc-shuffle", action=argparse.BooleanOptionalAction, default=False,
-                    help="shuffle localization's batches (default: no, file order: a batch then holds both "
-                         "clips of a scene, same picture and different sound, hard negatives for the "
-                         "contrastive loss; with shuffled batches silence localized as well as sound)")
+    ap.add_argument("--loc-shuffle", action=argparse.BooleanOptionalAction, default=True,
+                    help="avray train --shuffle for localization (default) or --no-shuffle")
+    ap.add_argument("--loc-lr-schedule", default="constant", choices=("cosine", "constant"),
+                    help="localization's --lr-schedule (default constant, as when its bars were first met)")
     ap.add_argument("--sep-preset", default="tiny")
     ap.add_argument("--sep-epochs", type=int, default=4)
     ap.add_argument("--sep-lr", type=float, default=1e-3)
