@@ -212,8 +212,7 @@ REUSE: dict[str, dict] = {}  # --eval-only: run name -> its training record from
 
 
 def train(work: Path, run: str, task: str, preset: str, data: Path, epochs: int, batch: int, lr: float,
-          val_fraction: float = 0.1, torch_threads: int = 0, shuffle: bool = True,
-          lr_schedule: str = "cosine") -> dict:
+          val_fraction: float = 0.1, torch_threads: int = 0, lr_schedule: str | None = None) -> dict:
     if REUSE:
         if run not in REUSE:
             raise FileNotFoundError(f"--eval-only: no earlier training record of {run} in {work / 'results'}")
@@ -225,9 +224,7 @@ def train(work: Path, run: str, task: str, preset: str, data: Path, epochs: int,
            "--use-gpu", "no", "--address", "local"]  # a Ray of its own, even when another one runs on the machine
     if torch_threads:
         cmd += ["--torch-threads", str(torch_threads)]
-    if not shuffle:
-        cmd += ["--no-shuffle"]
-    if lr_schedule != "cosine":
+    if lr_schedule:
         cmd += ["--lr-schedule", lr_schedule]
     wall = sh(cmd, work / f"{run}.log")
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -253,7 +250,7 @@ def bar(name: str, value: float, target: str, ok: bool, shown: str | None = None
 
 def run_localization(work: Path, args, train_clips: Path, held: Path) -> dict:
     t = train(work, "localization", "localization", args.loc_preset, train_clips, args.loc_epochs, 32, args.loc_lr,
-              torch_threads=args.torch_threads, shuffle=args.loc_shuffle, lr_schedule=args.loc_lr_schedule)
+              torch_threads=args.torch_threads, lr_schedule=args.loc_lr_schedule)
     e = evaluate(work, "localization", "localization", t["checkpoint"], held)
     m = e["metrics"]
     own, silent = m["ciou50_own_audio"], m["ciou50_silent_audio"]
@@ -484,8 +481,6 @@ def main() -> None:
     ap.add_argument("--loc-preset", default="tiny")
     ap.add_argument("--loc-epochs", type=int, default=4)
     ap.add_argument("--loc-lr", type=float, default=1e-3)
-    ap.add_argument("--loc-shuffle", action=argparse.BooleanOptionalAction, default=True,
-                    help="avray train --shuffle for localization (default) or --no-shuffle")
     ap.add_argument("--loc-lr-schedule", default="constant", choices=("cosine", "constant"),
                     help="localization's --lr-schedule (default constant, as when its bars were first met)")
     ap.add_argument("--sep-preset", default="tiny")
