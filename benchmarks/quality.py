@@ -481,8 +481,8 @@ def main() -> None:
     ap.add_argument("--loc-preset", default="tiny")
     ap.add_argument("--loc-epochs", type=int, default=4)
     ap.add_argument("--loc-lr", type=float, default=1e-3)
-    ap.add_argument("--loc-lr-schedule", default="constant", choices=("cosine", "constant"),
-                    help="localization's --lr-schedule (default constant, as when its bars were first met)")
+    ap.add_argument("--loc-lr-schedule", choices=("cosine", "constant"),
+                    help="localization's --lr-schedule (default: avray train's, constant for localization)")
     ap.add_argument("--sep-preset", default="tiny")
     ap.add_argument("--sep-epochs", type=int, default=4)
     ap.add_argument("--sep-lr", type=float, default=1e-3)

@@ -327,9 +327,10 @@ def main() -> None:
         + (f", avray train gets --torch-threads {n_threads}" if args.torch_threads else "") + "). "
         "The plain loop reads and prepares (task.prepare) in its training thread; avray train reads and "
         "prepares in Ray Data tasks on the other CPU (map_batches) and the worker only turns the prepared "
-        "arrays into tensors (iter_torch_batches, prefetch_batches=2), drawing each batch from a buffer of "
-        "8 batches' clips (its default `--shuffle`; the plain loop keeps file order). A local Ray keeps "
-        "4 idle workers, as `avray train` sets it up (jobs.train.keep_idle_workers). "
+        "arrays into tensors (iter_torch_batches, prefetch_batches=2) and draws each batch from a buffer of "
+        "8 batches' clips (its default `--shuffle`, jobs.train.shuffled_batches; the plain loop keeps file "
+        "order). A local Ray keeps max(4, CPUs) idle workers, as `avray train` sets it up "
+        "(jobs.train.keep_idle_workers). "
         "Wall s of `run()` include starting the worker, validation and a checkpoint every epoch.",
     ]
     md = "\n".join(lines)

@@ -58,7 +58,9 @@ def as_tensors(prepared: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 class Task:
     """The shared part of the task adapters: `collate` = the subclass's `prepare`, `as_tensors`,
-    `to_model`."""
+    `to_model`; `lr_schedule`, avray train's default --lr-schedule for the task."""
+
+    lr_schedule = "cosine"
 
     def collate(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """numpy batch of clip rows -> the model's tensors, in this process."""
@@ -75,17 +77,24 @@ class LocalizationTask(Task):
 
     model = "localization"
     configs = LOC_PRESETS
+    # cosine decay to 0 let the tiny model lean on the picture: cIoU@0.5 with silenced audio 0.545
+    # (own audio 0.836) against 0.174 (own 0.798) at a constant rate (BENCHMARKS.md, quality)
+    lr_schedule = "constant"
     columns = ["video_id", "start_s", "fps", "frames", "frames_shape", "logmel", "logmel_shape", "ground_truth"]
 
     def prepare(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """-> frame uint8 (B, 3, H, W) (the clip's middle frame), logmel float (B, M, N), box_mask
-        float (B, H, W) (union of the boxes of the objects sounding in that frame), has_box bool
+        bool (B, H, W) (union of the boxes of the objects sounding in that frame), has_box bool
         (B,), frame_centre float (B,) (the frame's time as a fraction of the clip) and
-        clip_seconds float (B,)."""
-        b = decode_clip_batch(batch)
-        B, T, H, W = b["frames"].shape[:4]
+        clip_seconds float (B,). Clips of one batch must have the same number of frames."""
+        lengths = {int(s[0]) for s in batch["frames_shape"]}
+        if len(lengths) != 1:
+            raise ValueError(f"clips of one batch have different frame counts: {sorted(lengths)}")
+        T = lengths.pop()
         mid = T // 2
-        masks = np.zeros((B, H, W), np.float32)
+        b = decode_clip_batch(batch, frames=mid)  # only the middle frame of each clip is copied
+        B, H, W = b["frames"].shape[:3]
+        masks = np.zeros((B, H, W), bool)
         has_box = np.zeros(B, bool)
         gts = b.get("ground_truth")
         for i in range(B):
@@ -95,9 +104,9 @@ class LocalizationTask(Task):
             t = clip_targets(gts[i], float(b["start_s"][i]), T, cfg)
             for k in np.flatnonzero(t.sounding[mid]):
                 x0, y0, x1, y1 = t.boxes[mid, k]
-                masks[i, int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))] = 1.0
+                masks[i, int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))] = True
             has_box[i] = bool(t.sounding[mid].any())
-        return {"frame": _channels_first(b["frames"][:, mid]), "logmel": np.ascontiguousarray(b["logmel"]),
+        return {"frame": _channels_first(b["frames"]), "logmel": np.ascontiguousarray(b["logmel"]),
                 "box_mask": masks, "has_box": has_box, "frame_centre": np.full(B, (mid + 0.5) / T, np.float32),
                 "clip_seconds": (T / b["fps"].astype(np.float64)).astype(np.float32)}
 
@@ -109,7 +118,7 @@ class LocalizationTask(Task):
     def step(self, model, batch, cfg, gen=None) -> dict[str, torch.Tensor]:
         out = model(batch["frame"], self.mel(batch, cfg))
         grid_hw = out["attention"].shape[-2:]
-        cell_masks = F.adaptive_avg_pool2d(batch["box_mask"][:, None], grid_hw)[:, 0]  # (B, h, w)
+        cell_masks = F.adaptive_avg_pool2d(batch["box_mask"][:, None].float(), grid_hw)[:, 0]  # (B, h, w)
         return localization_loss(out, cfg, cell_masks, batch["has_box"])
 
     @torch.no_grad()
@@ -126,7 +135,7 @@ class LocalizationTask(Task):
             keep = batch["has_box"]
             if not keep.any():
                 continue
-            frame, mel, gt = batch["frame"][keep], self.mel(batch, cfg)[keep], batch["box_mask"][keep] > 0.5
+            frame, mel, gt = batch["frame"][keep], self.mel(batch, cfg)[keep], batch["box_mask"][keep]
             silence = torch.full_like(mel, float(mel.min()))
             # another clip's audio: half a batch away (clips of one video are adjacent in the files)
             variants = {"own": mel, "other": mel.roll(max(1, len(mel) // 2), dims=0), "silent": silence}
@@ -163,7 +172,7 @@ class LocalizationTask(Task):
                 ax.imshow(frame[i].permute(1, 2, 0).cpu().numpy())
                 ax.imshow(m[i].cpu().numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
                 if box[i].any():
-                    ax.contour(box[i].cpu().numpy(), levels=[0.5], colors="white", linewidths=1)
+                    ax.contour(box[i].float().cpu().numpy(), levels=[0.5], colors="white", linewidths=1)
                 ax.set_title(name, fontsize=9)
                 ax.axis("off")
         fig.tight_layout()

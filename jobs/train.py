@@ -27,18 +27,19 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SHUFFLE_BATCHES = 8  # --shuffle: batches are drawn from a buffer of this many batches' clips
-IDLE_WORKERS = 4  # idle worker processes a local Ray started by avray keeps (see keep_idle_workers)
+_NOT_PRINTED = ("epoch", "start_epoch", "started_at")  # metrics.jsonl fields left out of the progress lines
+IDLE_WORKERS = 4  # at least this many idle worker processes a local Ray started by avray keeps
 
 
 def keep_idle_workers(n: int = IDLE_WORKERS) -> None:
-    """Let a local Ray started after this call keep up to `n` idle worker processes
+    """Let a local Ray started after this call keep up to max(`n`, CPU count) idle worker processes
     (RAY_num_workers_soft_limit, unless already set; a Ray that is already running keeps its own).
 
     By default Ray keeps only as many idle workers as there are free CPUs. On a small machine the
     worker of Ray Data's read tasks, idle while the training worker validates, is then killed, and
     the next epoch's first read task waits for a fresh process to start and import torch: measured
     on 2 cores, 4.5 s of every epoch, and as long again for each validation pass."""
-    os.environ.setdefault("RAY_num_workers_soft_limit", str(n))
+    os.environ.setdefault("RAY_num_workers_soft_limit", str(max(n, os.cpu_count() or 1)))
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,10 @@ class TrainConfig:
     epochs: int = field(default=10, metadata={"help": "passes over the training clips"})
     batch_size: int = field(default=32, metadata={"help": "clips per step and worker"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate (the peak, with --lr-schedule cosine)"})
-    lr_schedule: str = field(default="cosine", metadata={
-        "help": "cosine: decay the learning rate per step from --lr to 0 over --epochs; constant: keep it",
-        "choices": ("cosine", "constant")})
+    lr_schedule: str = field(default="auto", metadata={
+        "help": "cosine: decay the learning rate per step from --lr to 0 over --epochs; constant: keep it; "
+                "auto: constant for localization (cosine let it ignore the sound), cosine otherwise",
+        "choices": ("auto", "cosine", "constant")})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
     shuffle: bool = field(default=True, metadata={
         "help": f"each epoch, draw every training batch at random from a buffer of {SHUFFLE_BATCHES} batches' "
@@ -128,13 +130,73 @@ def on_device(batch, device):
     return to_model({k: v.to(device, non_blocking=True) for k, v in batch.items()})
 
 
-def torch_batches(data, batch_size: int, train: bool, shuffle: bool):
-    """Tensor batches of a Ray Dataset or dataset shard: 2 batches prefetched; in training the
+def torch_batches(data, batch_size: int, train: bool, shuffle: bool, gen=None, device=None):
+    """Tensor batches of a Ray Dataset or dataset shard, 2 batches prefetched. In training the
     last, partial batch is dropped and, with `shuffle`, every batch is drawn at random from a
-    buffer of SHUFFLE_BATCHES batches' rows (a new draw each epoch), so batches do not hold
-    the same clips every epoch, nor always both clips of a video (they share a file)."""
-    return data.iter_torch_batches(batch_size=batch_size, prefetch_batches=2, drop_last=train,
-                                   local_shuffle_buffer_size=SHUFFLE_BATCHES * batch_size if shuffle else None)
+    buffer of SHUFFLE_BATCHES batches' rows (`shuffled_batches`, with `gen`; on `device` when
+    given), a new draw each epoch, so batches do not hold the same clips every epoch, nor always
+    both clips of a video (they share a file)."""
+    it = data.iter_torch_batches(batch_size=batch_size, prefetch_batches=2, drop_last=train and not shuffle)
+    if train and shuffle:
+        return shuffled_batches(it, batch_size, SHUFFLE_BATCHES * batch_size, gen, device)
+    return it
+
+
+def shuffled_batches(batches, batch_size: int, buffer_rows: int, gen=None, device=None):
+    """Re-batch an iterable of tensor batches (dicts of tensors of equal length) into batches of
+    `batch_size` rows drawn uniformly at random, without replacement, from a buffer: incoming
+    batches fill it to at least `buffer_rows` rows (or until they run out), then each batch drawn
+    is followed by one more incoming batch. The last, partial batch is dropped. `gen`: the
+    torch.Generator of the draws. With `device`, incoming batches move there first and the draws
+    gather there.
+
+    A drawn batch holds its rows grouped by the incoming batch they came from (the draw itself is
+    uniform). Each row is copied once (index_select into the drawn batch); Ray Data's local
+    shuffle buffer (`iter_torch_batches(local_shuffle_buffer_size=...)`) copies every row 3-4
+    times (compaction, concatenation, take) and gave ~1,000 rows/s of 224-px localization rows on
+    one core, against the 3,100 samples/s an H100 trains the paper preset at (BENCHMARKS.md)."""
+    import torch
+
+    pool: list[tuple[dict, torch.Tensor]] = []  # (incoming batch, indices of its rows not yet drawn)
+    it = iter(batches)
+
+    def rows() -> int:
+        return sum(len(left) for _, left in pool)
+
+    def refill(target: int) -> None:
+        while rows() < target:
+            b = next(it, None)
+            if b is None:
+                return
+            if device is not None:
+                b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+            pool.append((b, torch.arange(len(next(iter(b.values()))))))
+
+    refill(buffer_rows)
+    while rows() >= batch_size:
+        sizes = torch.tensor([len(left) for _, left in pool])
+        pick = torch.randperm(int(sizes.sum()), generator=gen)[:batch_size].sort().values
+        owner = torch.searchsorted(sizes.cumsum(0), pick, right=True)  # the pool entry of each drawn row
+        starts = sizes.cumsum(0) - sizes
+        keys = pool[0][0].keys()
+        out = {k: torch.empty((batch_size, *pool[0][0][k].shape[1:]), dtype=pool[0][0][k].dtype,
+                              device=pool[0][0][k].device) for k in keys}
+        pos, kept = 0, []
+        for i, (b, left) in enumerate(pool):
+            chosen = pick[owner == i] - starts[i]
+            if len(chosen):
+                idx = left[chosen]
+                for k in keys:
+                    torch.index_select(b[k], 0, idx.to(b[k].device), out=out[k][pos:pos + len(idx)])
+                pos += len(idx)
+                mask = torch.ones(len(left), dtype=torch.bool)
+                mask[chosen] = False
+                left = left[mask]
+            if len(left):
+                kept.append((b, left))
+        pool[:] = kept
+        yield out
+        refill(buffer_rows)
 
 
 def train_epoch(model, opt, batches, task, mcfg, gen, device, amp: bool, sched=None) -> dict[str, float]:
@@ -142,10 +204,11 @@ def train_epoch(model, opt, batches, task, mcfg, gen, device, amp: bool, sched=N
     the step code of every worker, also used by benchmarks/train.py's plain loop. `sched`: a
     per-step learning-rate scheduler, or None. "Data wait" is the time spent in next() on the
     iterator. Returns train_loss, steps, samples_per_s (this process), data_wait_fraction,
-    epoch_seconds and lr (at the epoch's end)."""
+    epoch_seconds, started_at (Unix time of the epoch's start) and lr (at the epoch's end)."""
     import torch
 
     model.train()
+    started_at = time.time()
     t0 = time.perf_counter()
     wait = 0.0
     steps = samples = 0
@@ -172,7 +235,7 @@ def train_epoch(model, opt, batches, task, mcfg, gen, device, amp: bool, sched=N
     return {"train_loss": loss_sum / max(steps, 1), "steps": steps,
             "samples_per_s": samples / seconds if seconds else 0.0,
             "data_wait_fraction": wait / seconds if seconds else 0.0, "epoch_seconds": seconds,
-            "lr": opt.param_groups[0]["lr"]}
+            "started_at": started_at, "lr": opt.param_groups[0]["lr"]}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -220,7 +283,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # rows arrive prepared (task.prepare ran in Ray Data tasks); here they only become tensors
         train = name == "train"
         return torch_batches(ray.train.get_dataset_shard(name), config["batch_size"], train=train,
-                             shuffle=train and config["shuffle"])
+                             shuffle=config["shuffle"], gen=gen, device=device)
 
     for epoch in range(start_epoch, config["epochs"]):
         stats = train_epoch(model, opt, batches("train"), task, mcfg, gen, device, amp, sched)
@@ -235,7 +298,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 with open(os.path.join(config["run_dir"], "metrics.jsonl"), "a") as f:
                     f.write(json.dumps(metrics) + "\n")
                 print(f"[avray train] epoch {epoch + 1}/{config['epochs']}: "
-                      + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("epoch", "start_epoch")),
+                      + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in _NOT_PRINTED),
                       flush=True)
                 save_checkpoint(os.path.join(d, "model.pt"), task.model, core, mcfg,
                                 extra={"epoch": epoch, "optimizer": opt.state_dict(),
@@ -307,7 +370,8 @@ def run(cfg: TrainConfig) -> int:
             train_loop_config={"task": task, "model_config": mcfg, "epochs": cfg.epochs, "seed": cfg.seed,
                                "run_dir": run_dir, "clip_settings": clip_settings,
                                "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
-                               "lr_schedule": cfg.lr_schedule, "torch_threads": cfg.torch_threads,
+                               "lr_schedule": task.lr_schedule if cfg.lr_schedule == "auto" else cfg.lr_schedule,
+                               "torch_threads": cfg.torch_threads,
                                "shuffle": cfg.shuffle,
                                # drop_last: each worker's shard gives floor(rows / batch) steps
                                "steps_per_epoch": max(1, train_split.rows // (cfg.batch_size * cfg.num_workers))},
@@ -331,7 +395,7 @@ def run(cfg: TrainConfig) -> int:
         shutil.copy(os.path.join(d, "model.pt"), os.path.join(run_dir, "model.pt"))
     last = history[-1]
     print(f"avray train {cfg.task}: {len(history)} epoch(s) in {run_dir}; last: "
-          + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
+          + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float) and k not in _NOT_PRINTED))
     print(f"  checkpoint: {os.path.join(run_dir, 'model.pt')}   metrics: {os.path.join(run_dir, 'metrics.jsonl')}")
     return 0
 

@@ -239,6 +239,7 @@ class AVSeparator(nn.Module):
         raw = self.head(fused)  # (B·K, N, 2F) or (B, N, K·2F)
         pattern = "b n (k c f) -> b k f n c" if self.cfg.audio_only else "(b k) n (c f) -> b k f n c"
         raw = rearrange(raw, pattern, b=batch, k=self.cfg.num_speakers, c=2)  # (B, K, F, N, 2)
+        raw = raw.float()  # complex needs float32: under bf16 autocast the head gives bfloat16
         return torch.complex(raw[..., 0], raw[..., 1])  # (B, K, F, N)
 
     def forward(self, mixture: torch.Tensor, faces: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

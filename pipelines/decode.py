@@ -28,8 +28,12 @@ import re
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
-import av
 import numpy as np
+
+try:
+    import av
+except ImportError:  # training from clip Parquet needs no decoder (e.g. a GPU image without PyAV)
+    av = None
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 # FFmpeg protocols each allowed URI scheme needs underneath it.
@@ -210,6 +214,8 @@ class _ClipBuilder:
 def _open(source: str | BinaryIO, cfg: DecodeConfig) -> av.container.InputContainer:
     """Open a path (checked by `check_source`) or a seekable binary file object with PyAV."""
     whitelist = check_source(source, cfg.allowed_schemes) if isinstance(source, str) else _NO_PROTOCOL
+    if av is None:
+        raise ImportError("decoding media needs PyAV: pip install av")
     try:
         return av.open(source, container_options={"protocol_whitelist": whitelist})
     except av.error.FFmpegError as e:

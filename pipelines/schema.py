@@ -102,13 +102,15 @@ def decode_tensor(name: str, blob: bytes | memoryview, shape: Iterable[int]) -> 
     return np.frombuffer(blob, dtype=TENSOR_DTYPES[name]).reshape(tuple(int(s) for s in shape))
 
 
-def decode_clip_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
+def decode_clip_batch(batch: Mapping[str, Any], frames: int | slice | None = None) -> dict[str, Any]:
     """Turn a columnar batch (dict of numpy arrays, as Ray Data's `map_batches` or
     `pyarrow.Table.to_pydict` give) into arrays: each tensor column present becomes a stacked
     array `(B, *shape)` when all rows share a shape, else a list of arrays; its `_shape`
-    column is dropped. Other columns pass through unchanged.
+    column is dropped. Other columns pass through unchanged. `frames`: an index or slice of each
+    clip's frames (time axis) to keep; only those are copied out of the column.
 
-    frames -> uint8 (B, T, H, W, 3); audio -> float32 (B, S); logmel -> float32 (B, M, N).
+    frames -> uint8 (B, T, H, W, 3) (with an index: (B, H, W, 3)); audio -> float32 (B, S);
+    logmel -> float32 (B, M, N).
     """
     out = {k: v for k, v in batch.items() if not (k.endswith("_shape") and k[:-6] in TENSOR_DTYPES)}
     for name in TENSOR_DTYPES:
@@ -116,6 +118,8 @@ def decode_clip_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
             continue
         blobs, shapes = batch[name], batch[f"{name}_shape"]
         arrays = [decode_tensor(name, b, s) for b, s in zip(blobs, shapes)]
+        if name == "frames" and frames is not None:
+            arrays = [a[frames] for a in arrays]
         if arrays and all(a.shape == arrays[0].shape for a in arrays):
             out[name] = np.stack(arrays)
         else:
@@ -126,9 +130,34 @@ def decode_clip_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
 def numpy_batch(table: pa.Table) -> dict[str, Any]:
     """A pyarrow Table as the dict of numpy arrays Ray Data's `batch_format="numpy"` gives
     (ArrowBlockAccessor.to_numpy: each column's chunks combined, then
-    `to_numpy(zero_copy_only=False)`): numbers become numeric arrays, binary / string / list
-    columns object arrays of bytes / str / arrays. `decode_clip_batch` takes it."""
-    return {name: table.column(name).combine_chunks().to_numpy(zero_copy_only=False) for name in table.column_names}
+    `to_numpy(zero_copy_only=False)`): numbers become numeric arrays, string / list columns object
+    arrays of str / arrays. Tensor columns (`TENSOR_DTYPES`) become object arrays of zero-copy
+    memoryviews of the table's buffers where Ray Data gives bytes: a copy of every clip's frames
+    saved (1.1 of 3.9 ms per 224-px clip for localization's read + prepare). `decode_clip_batch`
+    takes either."""
+    out = {}
+    for name in table.column_names:
+        col = table.column(name)
+        if name in TENSOR_DTYPES and pa.types.is_binary(col.type) and col.null_count == 0:
+            out[name] = _binary_views(col)
+        else:
+            out[name] = col.combine_chunks().to_numpy(zero_copy_only=False)
+    return out
+
+
+def _binary_views(col: pa.ChunkedArray) -> np.ndarray:
+    """A binary column without nulls -> object array of read-only memoryviews of its values (equal
+    to the bytes), chunk by chunk: no copy, not even to combine the chunks; each view keeps its
+    chunk's buffer alive."""
+    out = np.empty(len(col), object)
+    i = 0
+    for chunk in col.chunks:
+        offsets = np.frombuffer(chunk.buffers()[1], np.int32)[chunk.offset: chunk.offset + len(chunk) + 1].tolist()
+        data = memoryview(chunk.buffers()[2] if chunk.buffers()[2] is not None else b"").toreadonly()
+        for a, b in zip(offsets[:-1], offsets[1:]):
+            out[i] = data[a:b]
+            i += 1
+    return out
 
 
 def clip_rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:

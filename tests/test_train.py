@@ -59,7 +59,8 @@ def test_split_by_video_is_deterministic():
 
 def test_train_localization_checkpoints_and_resume(clips, tmp_path):
     out = tmp_path / "loc"
-    cfg = TrainConfig(task="localization", data=str(clips), out=str(out), epochs=2, batch_size=4, val_fraction=0.25)
+    cfg = TrainConfig(task="localization", data=str(clips), out=str(out), epochs=2, batch_size=4, val_fraction=0.25,
+                      lr_schedule="cosine")  # localization's default (auto) is constant
     assert run(cfg) == 0
     rows = _metrics(out)
     assert [(r["epoch"], r["start_epoch"]) for r in rows] == [(0, 0), (1, 0)]
@@ -136,6 +137,7 @@ def test_killed_worker_resumes_from_last_checkpoint(clips, tmp_path):
     rows = _metrics(out)
     assert [r["epoch"] for r in rows] == list(range(30))
     assert rows[0]["start_epoch"] == 0 and rows[-1]["start_epoch"] >= 1  # resumed, not restarted
+    assert {r["lr"] for r in rows} == {1e-3}  # --lr-schedule auto: constant for localization
 
 
 def test_train_captioning_builds_vocab_from_clip_captions(clips, tmp_path):
@@ -143,7 +145,7 @@ def test_train_captioning_builds_vocab_from_clip_captions(clips, tmp_path):
     assert run(TrainConfig(task="captioning", data=str(clips), out=str(out), epochs=1, batch_size=4,
                            val_fraction=0.25)) == 0
     (row,) = _metrics(out)
-    assert row["val_captions"] >= 2
+    assert row["val_captions"] >= 2 and row["lr"] == 0.0  # --lr-schedule auto: cosine for captioning
     assert {"val_bleu4_audio", "val_cider_audio", "val_sounding_object_acc_audio", "val_cider_no_audio"} <= set(row)
     model, ckpt = load_checkpoint(out / "model.pt")
     vocab = ckpt["config"]["vocab"]
@@ -218,6 +220,30 @@ def test_shuffle_redraws_batches_every_epoch(ray_local, tmp_path):
         assert first != second and first != epoch(False)
     finally:
         ctx.execution_options.preserve_order = before
+
+
+def test_shuffled_batches_draw_from_a_bounded_buffer():
+    """shuffled_batches: batches of batch_size rows, each row at most once, the partial rest
+    dropped; the first batch only from the first buffer_rows rows; rows stay whole (every column
+    from the same row); the generator decides the draw."""
+    import torch
+
+    from jobs.train import shuffled_batches
+
+    incoming = [{"x": torch.arange(i, min(i + 5, 23)), "y": torch.arange(i, min(i + 5, 23))[:, None] * 10.0}
+                for i in range(0, 23, 5)]  # 23 rows in batches of 5, 5, 5, 5, 3
+
+    def draw(seed: int) -> list[list[int]]:
+        out = list(shuffled_batches(incoming, 4, 10, torch.Generator().manual_seed(seed)))
+        assert all(torch.equal(b["y"][:, 0], b["x"] * 10.0) for b in out)
+        return [b["x"].tolist() for b in out]
+
+    first = draw(0)
+    assert [len(b) for b in first] == [4] * 5
+    assert len(set(sum(first, []))) == 20 and set(sum(first, [])) <= set(range(23))
+    assert max(first[0]) < 10  # the buffer held rows 0-9 when the first batch was drawn
+    assert draw(0) == first and draw(1) != first
+    assert first != [list(range(i, i + 4)) for i in range(0, 20, 4)]
 
 
 @pytest.mark.parametrize("name", ["localization", "separation", "captioning"])
