@@ -145,16 +145,17 @@ def torch_batches(data, batch_size: int, train: bool, shuffle: bool, gen=None, d
 def shuffled_batches(batches, batch_size: int, buffer_rows: int, gen=None, device=None):
     """Re-batch an iterable of tensor batches (dicts of tensors of equal length) into batches of
     `batch_size` rows drawn uniformly at random, without replacement, from a buffer: incoming
-    batches fill it to at least `buffer_rows` rows (or until they run out), then each batch drawn
-    is followed by one more incoming batch. The last, partial batch is dropped. `gen`: the
+    batches fill it to at least `buffer_rows` rows (or until they run out), and refill it so after
+    every batch drawn. The last, partial batch is dropped. `gen`: the
     torch.Generator of the draws. With `device`, incoming batches move there first and the draws
     gather there.
 
     A drawn batch holds its rows grouped by the incoming batch they came from (the draw itself is
     uniform). Each row is copied once (index_select into the drawn batch); Ray Data's local
     shuffle buffer (`iter_torch_batches(local_shuffle_buffer_size=...)`) copies every row 3-4
-    times (compaction, concatenation, take) and gave ~1,000 rows/s of 224-px localization rows on
-    one core, against the 3,100 samples/s an H100 trains the paper preset at (BENCHMARKS.md)."""
+    times (compaction, concatenation, take) and gave ~1,000-1,800 rows/s of 224-px localization
+    rows on one core of a 2-core machine (this: 9,000-15,000), against the ~3,300 samples/s an H100
+    trains the paper preset at (BENCHMARKS.md)."""
     import torch
 
     pool: list[tuple[dict, torch.Tensor]] = []  # (incoming batch, indices of its rows not yet drawn)
