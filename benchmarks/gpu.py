@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import write_section  # noqa: E402
-from benchmarks.train import numpy_batches, steady, task_for, train_columns, val_ids  # noqa: E402
+from benchmarks.train import numpy_batches, steady, task_for, train_columns, train_split, val_ids  # noqa: E402
 
 BATCH = {"localization": 128, "separation": 16, "captioning": 64}  # per task; --batch-sizes overrides
 
@@ -64,10 +64,8 @@ def tile_clips(src: Path, work: Path, copies: int) -> Path:
         return data / "clips"
     shutil.rmtree(data, ignore_errors=True)
     (data / "clips").mkdir(parents=True)
-    files = sorted(p for p in src.glob("*.parquet") if not p.name.startswith((".", "_")))
-    if not files:
-        raise FileNotFoundError(f"no clip Parquet in {src}")
-    for f in files:
+    from jobs.train import _parts
+    for f in sorted(_parts(str(src))):  # raises FileNotFoundError when there are none
         t = pq.read_table(f)
         vi, ci = t.schema.get_field_index("video_id"), t.schema.get_field_index("clip_id")
         for k in range(copies):
@@ -164,14 +162,11 @@ def data_only(task, clips: Path, columns: list[str], held_out, batch_size: int, 
     """(c): the training clips of avray train's pipeline (jobs.train.clip_dataset: read and
     task.prepare in Ray Data tasks; torch_batches with its shuffle) iterated on this process with
     no training, `epochs` times: clips/s of epochs 2..N pooled (the pipeline's ceiling)."""
-    import pyarrow.dataset as pads
     import torch
 
-    from jobs.train import _split, clip_dataset, torch_batches
+    from jobs.train import clip_dataset, torch_batches
 
-    ids = pads.dataset(str(clips), format="parquet").to_table(columns=["video_id", "__filename"])
-    train, _ = _split(ids, held_out)
-    ds = clip_dataset(train, columns, task.prepare, batch_size)
+    ds = clip_dataset(train_split(clips, held_out), columns, task.prepare, batch_size)
     gen = torch.Generator().manual_seed(0)
     rows, secs = [], []
     for _ in range(epochs):

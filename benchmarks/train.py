@@ -78,6 +78,14 @@ def val_ids(clips: Path, fraction: float = 0.1):
     return validation_videos(pq.read_table(str(clips), columns=["video_id"]).column("video_id"), fraction)
 
 
+def train_split(clips: Path, held_out):
+    """avray train's training Split of the clip folder (jobs.train._split) without `held_out` videos."""
+    import pyarrow.dataset as pads
+    from jobs.train import _split
+    ids = pads.dataset(str(clips), format="parquet").to_table(columns=["video_id", "__filename"])
+    return _split(ids, held_out)[0]
+
+
 def numpy_batches(clips: Path, columns: list[str], held_out, batch_size: int,
                   drop_last: bool = True) -> Iterator[dict[str, Any]]:
     """Training clips as numpy batches of `batch_size` rows, streamed file by file: the plain
@@ -121,20 +129,17 @@ def check_same_batch(clips: Path, task, columns: list[str], held_out, batch_size
     files read and `task.prepare`d in Ray Data tasks, `iter_torch_batches`; in order for the
     check) against the plain loop's first batch (`numpy_batches`, `task.prepare`, `as_tensors`):
     same keys, dtypes, shapes and values. Raises AssertionError otherwise."""
-    import pyarrow.dataset as pads
     import ray.data
     import torch
 
     from jobs.tasks import as_tensors
-    from jobs.train import _split, clip_dataset
+    from jobs.train import clip_dataset
 
     ctx = ray.data.DataContext.get_current()
     order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True
     try:
-        ids = pads.dataset(str(clips), format="parquet").to_table(columns=["video_id", "__filename"])
-        train, _ = _split(ids, held_out)
-        ray_out = next(iter(clip_dataset(train, columns, task.prepare, batch_size).iter_torch_batches(
+        ray_out = next(iter(clip_dataset(train_split(clips, held_out), columns, task.prepare, batch_size).iter_torch_batches(
             batch_size=batch_size, drop_last=True)))
     finally:
         ctx.execution_options.preserve_order = order

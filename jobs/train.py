@@ -176,19 +176,18 @@ def shuffled_batches(batches, batch_size: int, buffer_rows: int, gen=None, devic
     refill(buffer_rows)
     while rows() >= batch_size:
         sizes = torch.tensor([len(left) for _, left in pool])
-        pick = torch.randperm(int(sizes.sum()), generator=gen)[:batch_size].sort().values
-        owner = torch.searchsorted(sizes.cumsum(0), pick, right=True)  # the pool entry of each drawn row
-        starts = sizes.cumsum(0) - sizes
-        keys = pool[0][0].keys()
-        out = {k: torch.empty((batch_size, *pool[0][0][k].shape[1:]), dtype=pool[0][0][k].dtype,
-                              device=pool[0][0][k].device) for k in keys}
+        ends = sizes.cumsum(0)
+        pick = torch.randperm(int(ends[-1]), generator=gen)[:batch_size].sort().values
+        owner = torch.searchsorted(ends, pick, right=True)  # the pool entry of each drawn row
+        starts = ends - sizes
+        out = {k: v.new_empty((batch_size, *v.shape[1:])) for k, v in pool[0][0].items()}
         pos, kept = 0, []
         for i, (b, left) in enumerate(pool):
             chosen = pick[owner == i] - starts[i]
             if len(chosen):
                 idx = left[chosen]
-                for k in keys:
-                    torch.index_select(b[k], 0, idx.to(b[k].device), out=out[k][pos:pos + len(idx)])
+                for k, v in b.items():
+                    torch.index_select(v, 0, idx.to(v.device), out=out[k][pos:pos + len(idx)])
                 pos += len(idx)
                 mask = torch.ones(len(left), dtype=torch.bool)
                 mask[chosen] = False
