@@ -26,6 +26,10 @@ the script; no utilisation).
 
     python benchmarks/gpu.py --data /tmp/gpu/data/clips --json gpu.json
     python benchmarks/gpu.py --from-json gpu.json --write BENCHMARKS.md   # the table from a saved run
+
+A run can be split by task when one sitting cannot hold all three (a GPU lent by the call, say):
+`--tasks separation --copies 100 --json sep.json`, and so on; `--from-json loc.json sep.json
+cap.json` then makes one table of them (they must come from the same device, torch and Ray).
 """
 
 from __future__ import annotations
@@ -208,26 +212,28 @@ def table(res: dict) -> str:
 
     lines = [
         f"Device: {res['device']}; torch {res['torch']}, Ray {res['ray']}; {res['cpus']} CPUs. Data: "
-        f"{res['source_clips']} clips of {res['clip_px']} px ({res['clip_source']}) tiled {res['copies']} times "
-        f"with fresh video ids: {res['clips']} clips, {res['held_out_videos']} videos held out for validation. "
-        f"bf16 autocast, AdamW, preset `paper`, 1 worker.",
+        f"{res['source_clips']} clips of {res['clip_px']} px ({res['clip_source']}) tiled with fresh video ids "
+        f"(clips: copies x source clips; held out: the videos avray train keeps for validation, about a "
+        f"tenth). bf16 autocast, AdamW, preset `paper`, 1 worker.",
         "",
-        "| task | params (M) | batch | step alone: samples/s | GPU util | GPU mem GiB | data alone: samples/s | "
-        "avray train: samples/s | ÷ step alone | data wait | GPU util | GPU mem GiB | steps/epoch |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| task | clips / videos held out | params (M) | batch | step alone: samples/s | GPU util | GPU mem GiB | data alone: samples/s | "
+        "avray train: samples/s | ÷ step alone | data wait | GPU util | GPU mem GiB | steps/epoch | epochs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in res["results"].items():
         a, b = r["step"], r["avray"]
         lines.append(
-            f"| {name} | {a['params_m']:.1f} | {r['batch_size']} | {a['samples_per_s']:.0f} | {pct(a['gpu_util'])} | "
-            f"{gib(a['gpu_mem_gib'])} | {r['data']['samples_per_s']:.0f} | {b['samples_per_s']:.0f} | **{b['samples_per_s'] / a['samples_per_s']:.2f}** | "
-            f"{b['data_wait_fraction']:.1%} | {pct(b['gpu_util'])} | {gib(b['gpu_mem_gib'])} | {b['steps']:.0f} |")
+            f"| {name} | {r['clips']} / {r['held_out_videos']} | {a['params_m']:.1f} | {r['batch_size']} | {a['samples_per_s']:.0f} | "
+            f"{pct(a['gpu_util'])} | {gib(a['gpu_mem_gib'])} | {r['data']['samples_per_s']:.0f} | "
+            f"{b['samples_per_s']:.0f} | **{b['samples_per_s'] / a['samples_per_s']:.2f}** | "
+            f"{b['data_wait_fraction']:.1%} | {pct(b['gpu_util'])} | {gib(b['gpu_mem_gib'])} | {b['steps']:.0f} | "
+            f"{r['epochs']} |")
     lines += [
         "",
         "Step alone: prepared batches already on the GPU, the step code of `avray train` "
         "(jobs.train.train_epoch) timed over "
         f"{res['step_steps']} steps after a warm-up. Data alone: avray train's pipeline (Ray Data reading and "
-        f"preparing the clips, the worker's shuffle) iterated on the driver with no training, epochs 2..N. avray train: `jobs.train.run`, {res['epochs']} epochs, "
+        f"preparing the clips, the worker's shuffle) iterated on the driver with no training, epochs 2..N. avray train: `jobs.train.run`, the epochs of the table, "
         "figures pooled over epochs 2..N (training time only). GPU util: NVML's busy share sampled every 0.1 s "
         "over those intervals. GPU mem: torch's peak allocation (step alone), NVML's peak used memory "
         "less that before the run (avray train, the whole process: CUDA context and caching allocator too).",
@@ -247,12 +253,13 @@ def main() -> None:
     ap.add_argument("--clip-source", default="avray synth scenes, avray preprocess --fps 8",
                     help="how the --data clips were made, for the table")
     ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--from-json", help="skip the runs: print (and --write) the table of a saved --json")
+    ap.add_argument("--from-json", nargs="+", metavar="JSON",
+                    help="skip the runs: print (and --write) the table of saved --json files, one or one per task")
     ap.add_argument("--write", help="replace the gpu section of this Markdown file (BENCHMARKS.md)")
     args = ap.parse_args()
 
     if args.from_json:
-        res = json.loads(Path(args.from_json).read_text())
+        res = merge([json.loads(Path(f).read_text()) for f in args.from_json])
     else:
         if not args.data:
             ap.error("--data is required (unless --from-json)")
@@ -261,6 +268,20 @@ def main() -> None:
     print(md)
     if args.write:
         write_section(Path(args.write), "gpu", md)
+
+
+SETTING = ("device", "torch", "ray", "cpus", "source_clips", "clip_px", "clip_source", "step_steps")
+
+
+def merge(runs: list[dict]) -> dict:
+    """One result of several saved runs (say one per task): their results together, later runs
+    replacing a task measured twice. The runs must share SETTING (same machine, software, source
+    clips and step count), else the table would mix them; SystemExit names what differs."""
+    for key in SETTING:
+        seen = {json.dumps(r[key]) for r in runs}
+        if len(seen) > 1:
+            raise SystemExit(f"--from-json: the runs differ in {key}: {sorted(seen)}")
+    return {**{k: runs[0][k] for k in SETTING}, "results": {k: v for r in runs for k, v in r["results"].items()}}
 
 
 def measure(args) -> dict:
@@ -284,10 +305,11 @@ def measure(args) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     first = pq.read_table(sorted(clips.glob("*.parquet"))[0], columns=["frames_shape"]).column("frames_shape")[0]
     res = {"device": torch.cuda.get_device_name(0) if cuda else "CPU (no GPU)", "torch": torch.__version__,
-           "ray": ray.__version__, "cpus": os.cpu_count(), "copies": args.copies, "clip_source": args.clip_source,
-           "source_clips": pq.read_table(str(src), columns=["video_id"]).num_rows,
-           "clips": pq.read_table(str(clips), columns=["video_id"]).num_rows, "clip_px": first.as_py()[1],
-           "held_out_videos": len(held_out), "epochs": args.epochs, "step_steps": args.step_steps, "results": {}}
+           "ray": ray.__version__, "cpus": os.cpu_count(), "clip_source": args.clip_source,
+           "source_clips": pq.read_table(str(src), columns=["video_id"]).num_rows, "clip_px": first.as_py()[1],
+           "step_steps": args.step_steps, "results": {}}
+    setting = {"copies": args.copies, "clips": pq.read_table(str(clips), columns=["video_id"]).num_rows,
+               "held_out_videos": len(held_out), "epochs": args.epochs}
 
     keep_idle_workers()
     ray.init(include_dashboard=False, log_to_driver=False)
@@ -307,7 +329,7 @@ def measure(args) -> dict:
             avray = avray_train(name, clips, work / "runs" / name, bs, args.epochs, cuda)
             print(f"{name}: avray train {avray['samples_per_s']:.0f} samples/s, wait {avray['data_wait_fraction']:.1%}, "
                   f"GPU util {avray['gpu_util']}, run() {avray['wall_s']:.0f} s", flush=True)
-            res["results"][name] = {"batch_size": bs, "step": step, "data": data, "avray": avray}
+            res["results"][name] = {"batch_size": bs, **setting, "step": step, "data": data, "avray": avray}
             if args.json:  # after every task, so a run cut short keeps what it measured
                 Path(args.json).write_text(json.dumps(res, indent=2))
     finally:
