@@ -9,7 +9,10 @@
 
 Departures from the paper, on purpose:
 - Faces: the paper feeds frozen FaceNet embeddings; here a small CNN over each frame's face crop
-  is trained with the rest (no weight downloads).
+  is trained with the rest (no weight downloads). Its grid is average-pooled (`paper`) or
+  max-pooled (`tiny`: "is this object in the picture" is a max; on synthetic scenes, where an
+  object covers ~4 % of the frame, max pooling lifted the tiny model's SI-SDRi after 5 minutes
+  from 1.8 to 2.4 dB, and wider channels to 2.5).
 - Speaker slots: the paper concatenates all K visual streams and predicts K masks from one head,
   so which output is whose is learned. Here the head runs once per speaker on
   [audio, visual_k, mean_j visual_j] and predicts that speaker's mask: output k follows faces[:, k]
@@ -61,6 +64,7 @@ class SeparationConfig:
     # visual stream: frame CNN, then dilated temporal convs at the video frame rate
     face_channels: tuple[int, ...] = (32, 64, 128, 256)
     visual_channels: int = 256
+    face_pool: str = "avg"  # spatial pooling of the frame CNN's grid: "avg" or "max"
     visual_kernels: tuple[int, ...] = (7, 5, 5, 5, 5, 5)
     visual_dilations: tuple[int, ...] = (1, 1, 2, 4, 8, 16)
     # fusion head
@@ -78,6 +82,8 @@ class SeparationConfig:
             raise ValueError("visual_kernels and visual_dilations differ in length")
         if any(k % 2 == 0 for pair in self.audio_kernels for k in pair) or any(k % 2 == 0 for k in self.visual_kernels):
             raise ValueError("kernel sizes must be odd ('same' padding)")
+        if self.face_pool not in ("avg", "max"):
+            raise ValueError(f"face_pool must be 'avg' or 'max', got {self.face_pool!r}")
         if not 0.0 < self.power <= 1.0:
             raise ValueError(f"power must be in (0, 1], got {self.power}")
 
@@ -102,7 +108,7 @@ PRESETS: dict[str, SeparationConfig] = {
     "tiny": SeparationConfig(
         audio_channels=8, audio_kernels=((1, 7), (7, 1), (3, 3), (3, 3)),
         audio_dilations=((1, 1), (1, 1), (2, 1), (4, 2)), audio_out_channels=2,
-        face_channels=(8, 16, 32), visual_channels=32, visual_kernels=(3, 3), visual_dilations=(1, 2),
+        face_channels=(16, 32, 64), visual_channels=64, face_pool="max", visual_kernels=(3, 3), visual_dilations=(1, 2),
         lstm_hidden=64, fc_dims=(128,),
     ),
 }
@@ -167,7 +173,8 @@ class VisualStream(nn.Module):
         for c in cfg.face_channels:
             layers.append(_conv_bn_relu(nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), c, nn.BatchNorm2d))
             c_in = c
-        self.frame_cnn = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        pool = nn.AdaptiveMaxPool2d(1) if cfg.face_pool == "max" else nn.AdaptiveAvgPool2d(1)
+        self.frame_cnn = nn.Sequential(*layers, pool, nn.Flatten())
         temporal = []
         for k, d in zip(cfg.visual_kernels, cfg.visual_dilations):
             conv = nn.Conv1d(c_in, cfg.visual_channels, k, dilation=d, padding=d * (k - 1) // 2, bias=False)

@@ -290,3 +290,23 @@ def test_sdr_works_with_several_torch_threads_and_restores_them():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_face_pool_max_detects_a_small_object_wherever_it_is():
+    """The tiny preset max-pools the face CNN's grid, so a frame's features say whether an object is
+    in the picture, not where or how many times: an 8x8 patch of a blank frame gives the same
+    features at two places (moved by a multiple of the CNN's stride, 8 px, away from the padded
+    borders) and twice at once; average pooling would give the two-patch frame other features."""
+    assert PRESETS["tiny"].face_pool == "max" and PRESETS["paper"].face_pool == "avg"
+    torch.manual_seed(0)
+    cnn = AVSeparator(PRESETS["tiny"]).visual.frame_cnn.eval()
+    frames = torch.zeros(3, 3, 96, 96)
+    frames[[0, 2], 0, 16:24, 16:24] = 1.0  # a red patch ...
+    frames[[1, 2], 0, 64:72, 64:72] = 1.0  # ... elsewhere; frame 2 has both
+    with torch.no_grad():
+        feats = cnn(frames)
+    assert feats.shape == (3, 64)
+    torch.testing.assert_close(feats[1], feats[0])
+    torch.testing.assert_close(feats[2], feats[0])
+    with pytest.raises(ValueError, match="face_pool must be 'avg' or 'max', got 'mean'"):
+        preset("tiny", face_pool="mean")
