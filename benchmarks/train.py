@@ -334,7 +334,7 @@ def main() -> None:
         "prepares in Ray Data tasks on the other CPU (map_batches) and the worker only turns the prepared "
         "arrays into tensors (iter_torch_batches, prefetch_batches=2) and draws each batch from a buffer of "
         "8 batches' clips (its default `--shuffle`, jobs.train.shuffled_batches; the plain loop keeps file "
-        "order). A local Ray keeps max(4, CPUs) idle workers, as `avray train` sets it up "
+        "order). A local Ray keeps max(4, 2 x CPUs) idle workers (4 here), as `avray train` sets it up "
         "(jobs.train.keep_idle_workers). "
         "Wall s of `run()` include starting the worker, validation and a checkpoint every epoch.",
     ]
