@@ -27,7 +27,7 @@ the script; no utilisation).
     python benchmarks/gpu.py --data /tmp/gpu/data/clips --json gpu.json
     python benchmarks/gpu.py --from-json gpu.json --write BENCHMARKS.md   # the table from a saved run
 
-A run can be split by task when one sitting cannot hold all three (a GPU lent by the call, say):
+A run can be split by task when one sitting cannot hold all three (a GPU lent 10 minutes a call, say):
 `--tasks separation --copies 100 --json sep.json`, and so on; `--from-json loc.json sep.json
 cap.json` then makes one table of them (they must come from the same device, torch and Ray).
 """
