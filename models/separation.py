@@ -1,7 +1,7 @@
 """Audio-visual speech separation after Ephrat et al. 2018, "Looking to Listen at the Cocktail Party".
 
     mixture (B, S) ──STFT──▶ power-law compressed complex spectrogram (B, F, N)
-        ──audio stream (dilated 2-D convs)──▶ (B, N, C·F)
+        ──audio stream (dilated 2-D convs)──▶ (B, N, C·F) [──linear──▶ (B, N, P) with audio_proj = P]
     faces (B, K, T, 3, h, w) ──frame CNN──▶ (B, K, T, D) ──dilated temporal convs──▶ (B, K, T, Dv)
         ──nearest upsampling to the STFT frame rate──▶ (B, K, N, Dv)
     fuse (concat per STFT frame) ──BLSTM──FC──▶ one bounded complex ratio mask per speaker (B, K, F, N)
@@ -13,6 +13,11 @@ Departures from the paper, on purpose:
   max-pooled (`tiny`: "is this object in the picture" is a max; on synthetic scenes, where an
   object covers ~4 % of the frame, max pooling lifted the tiny model's SI-SDRi after 5 minutes
   from 1.8 to 2.4 dB, and wider channels to 2.5).
+- Audio width at the fusion: the paper concatenates all C·F audio features (8 x 257) with the
+  visual ones. With `audio_proj` (the `tiny` preset: 64) a linear layer + ReLU narrows them first,
+  so that 2 x 257 audio features do not outnumber 2 x 64 visual ones fourfold in the BLSTM's input.
+  After 5 minutes on synthetic scenes (one run each): 3.6 dB SI-SDRi at width 64, against 2.5 dB
+  without; 2.9 / 3.2 / 3.2 / 3.1 dB at 16 / 32 / 128 / 256; 1.25x the clips/s at 64.
 - Speaker slots: the paper concatenates all K visual streams and predicts K masks from one head,
   so which output is whose is learned. Here the head runs once per speaker on
   [audio, visual_k, mean_j visual_j] and predicts that speaker's mask: output k follows faces[:, k]
@@ -65,6 +70,7 @@ class SeparationConfig:
     face_channels: tuple[int, ...] = (32, 64, 128, 256)
     visual_channels: int = 256
     face_pool: str = "avg"  # spatial pooling of the frame CNN's grid: "avg" or "max"
+    audio_proj: int = 0  # > 0: a linear layer + ReLU narrows the audio features to this width before fusion
     visual_kernels: tuple[int, ...] = (7, 5, 5, 5, 5, 5)
     visual_dilations: tuple[int, ...] = (1, 1, 2, 4, 8, 16)
     # fusion head
@@ -82,6 +88,8 @@ class SeparationConfig:
             raise ValueError("visual_kernels and visual_dilations differ in length")
         if any(k % 2 == 0 for pair in self.audio_kernels for k in pair) or any(k % 2 == 0 for k in self.visual_kernels):
             raise ValueError("kernel sizes must be odd ('same' padding)")
+        if self.audio_proj < 0:
+            raise ValueError(f"audio_proj must be >= 0 (0: off), got {self.audio_proj}")
         if self.face_pool not in ("avg", "max"):
             raise ValueError(f"face_pool must be 'avg' or 'max', got {self.face_pool!r}")
         if not 0.0 < self.power <= 1.0:
@@ -108,7 +116,7 @@ PRESETS: dict[str, SeparationConfig] = {
     "tiny": SeparationConfig(
         audio_channels=8, audio_kernels=((1, 7), (7, 1), (3, 3), (3, 3)),
         audio_dilations=((1, 1), (1, 1), (2, 1), (4, 2)), audio_out_channels=2,
-        face_channels=(16, 32, 64), visual_channels=64, face_pool="max", visual_kernels=(3, 3), visual_dilations=(1, 2),
+        audio_proj=64, face_channels=(16, 32, 64), visual_channels=64, face_pool="max", visual_kernels=(3, 3), visual_dilations=(1, 2),
         lstm_hidden=64, fc_dims=(128,),
     ),
 }
@@ -144,7 +152,8 @@ def _conv_bn_relu(conv: nn.Module, channels: int, bn: type[nn.Module]) -> nn.Seq
 
 
 class AudioStream(nn.Module):
-    """Dilated 2-D convs over (time, freq): compressed complex (B, F, N) -> float (B, N, C_out·F)."""
+    """Dilated 2-D convs over (time, freq), then with `audio_proj` a linear layer + ReLU per frame:
+    compressed complex (B, F, N) -> float (B, N, out_dim), out_dim = audio_proj or C_out·F."""
 
     def __init__(self, cfg: SeparationConfig) -> None:
         super().__init__()
@@ -157,11 +166,15 @@ class AudioStream(nn.Module):
         layers.append(_conv_bn_relu(nn.Conv2d(c_in, cfg.audio_out_channels, 1, bias=False),
                                     cfg.audio_out_channels, nn.BatchNorm2d))
         self.net = nn.Sequential(*layers)
+        width = cfg.audio_out_channels * cfg.spec.n_freqs
+        self.proj = nn.Sequential(nn.Linear(width, cfg.audio_proj), nn.ReLU(inplace=True)) if cfg.audio_proj else None
+        self.out_dim = cfg.audio_proj or width
 
     def forward(self, spec_c: torch.Tensor) -> torch.Tensor:
         x = rearrange(torch.view_as_real(spec_c), "b f n c -> b c n f")  # (B, 2, N, F)
         x = self.net(x)  # (B, C_out, N, F)
-        return rearrange(x, "b c n f -> b n (c f)")  # (B, N, C_out·F)
+        x = rearrange(x, "b c n f -> b n (c f)")  # (B, N, C_out·F)
+        return x if self.proj is None else self.proj(x)  # (B, N, out_dim)
 
 
 class VisualStream(nn.Module):
@@ -217,7 +230,7 @@ class AVSeparator(nn.Module):
         self.cfg = cfg
         f, k = cfg.spec.n_freqs, cfg.num_speakers
         self.audio = AudioStream(cfg)
-        audio_dim = cfg.audio_out_channels * f
+        audio_dim = self.audio.out_dim
         if cfg.audio_only:
             self.visual = None
             self.head = MaskHead(audio_dim, k * 2 * f, cfg)  # all K masks from one stream

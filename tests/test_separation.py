@@ -310,3 +310,17 @@ def test_face_pool_max_detects_a_small_object_wherever_it_is():
     torch.testing.assert_close(feats[2], feats[0])
     with pytest.raises(ValueError, match="face_pool must be 'avg' or 'max', got 'mean'"):
         preset("tiny", face_pool="mean")
+
+
+def test_audio_proj_narrows_the_audio_features_before_fusion():
+    """tiny: 2 x 257 audio features -> 64 before the BLSTM (beside 2 x 64 visual ones); paper: none."""
+    tiny, paper = AVSeparator(PRESETS["tiny"]), PRESETS["paper"]
+    assert tiny.audio.out_dim == 64 and tiny.head.blstm.input_size == 64 + 2 * 64
+    assert paper.audio_proj == 0
+    ao = AVSeparator(preset("tiny", audio_only=True))
+    assert ao.audio.out_dim == 64 and ao.head.blstm.input_size == 64
+    mix, _ = _inputs(2)
+    feats = tiny.audio(stft(mix, PRESETS["tiny"].spec))  # (B, N, 64)
+    assert feats.shape[0] == B and feats.shape[-1] == 64 and bool((feats >= 0).all())  # after the ReLU
+    with pytest.raises(ValueError, match="audio_proj must be >= 0 \\(0: off\\), got -1"):
+        preset("tiny", audio_proj=-1)
