@@ -116,7 +116,8 @@ PRESETS: dict[str, SeparationConfig] = {
     "tiny": SeparationConfig(
         audio_channels=8, audio_kernels=((1, 7), (7, 1), (3, 3), (3, 3)),
         audio_dilations=((1, 1), (1, 1), (2, 1), (4, 2)), audio_out_channels=2,
-        audio_proj=64, face_channels=(16, 32, 64), visual_channels=64, face_pool="max", visual_kernels=(3, 3), visual_dilations=(1, 2),
+        audio_proj=64, face_channels=(16, 32, 64), visual_channels=64, face_pool="max",
+        visual_kernels=(3, 3), visual_dilations=(1, 2),
         lstm_hidden=64, fc_dims=(128,),
     ),
 }
