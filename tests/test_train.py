@@ -276,6 +276,34 @@ def test_shuffled_batches_draw_from_a_bounded_buffer():
     assert first != [list(range(i, i + 4)) for i in range(0, 20, 4)]
 
 
+def test_read_ahead_fetches_the_first_item_before_it_is_asked_for():
+    """read_ahead: the first item is fetched in the background as soon as it is called; the
+    items come in order; an empty iterable gives none; an error fetching the first item is
+    raised by the first next(), in the caller's thread."""
+    import threading
+
+    from jobs.train import read_ahead
+
+    asked = threading.Event()
+
+    def items():
+        asked.set()
+        yield from (1, 2, 3)
+
+    it = read_ahead(items())
+    assert asked.wait(timeout=10)  # before any next()
+    assert list(it) == [1, 2, 3]
+    assert list(read_ahead(iter(()))) == []
+
+    def broken():
+        raise ValueError("no shard")
+        yield
+
+    it = read_ahead(broken())
+    with pytest.raises(ValueError, match="^no shard$"):
+        next(it)
+
+
 @pytest.mark.parametrize("name", ["localization", "separation", "captioning"])
 def test_ray_data_prepares_the_batches_collate_gives(clips, name):
     """avray train runs task.prepare in Ray Data tasks (clip_dataset) and the worker only makes
