@@ -57,7 +57,8 @@ class TrainConfig:
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate (the peak, with --lr-schedule cosine)"})
     lr_schedule: str = field(default="auto", metadata={
         "help": "cosine: decay the learning rate per step from --lr to 0 over --epochs; constant: keep it; "
-                "auto: constant for localization (cosine let it ignore the sound), cosine otherwise",
+                "auto: constant for localization (cosine let it ignore the sound) and separation (cosine learned "
+                "slower), cosine for captioning",
         "choices": ("auto", "cosine", "constant")})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
     shuffle: bool = field(default=True, metadata={
