@@ -34,7 +34,7 @@ from models.captioning import PAD, PRESETS as CAP_PRESETS, caption_loss, decode,
 from models.localization import PRESETS as LOC_PRESETS, audio_window, heatmap, localization_loss
 from models.metrics import auc_success, ciou, ciou_at
 from models.separation import PRESETS as SEP_PRESETS, mix_and_separate_batch, separation_loss
-from models.separation_metrics import si_sdr_improvement, sdr_improvement
+from models.separation_metrics import audible, si_sdr_improvement, sdr_improvement
 from pipelines.decode import DecodeConfig
 from pipelines.groundtruth import clip_caption, clip_targets
 from pipelines.schema import decode_clip_batch
@@ -222,10 +222,10 @@ class SeparationTask(Task):
             mixture, sources, faces = self._mix(batch, cfg, gen)  # (B, S), (B, K, S), (B, K, T, 3, s, s)
             # SDR and SI-SDR are undefined against a silent reference: score mixtures whose every
             # source is above -60 dBFS RMS (a clip can be silent: every object quiet in its span)
-            audible = (sources.pow(2).mean(dim=-1) > 1e-6).all(dim=1)  # (B,)
-            if not audible.any():
+            scored = audible(sources).all(dim=1)  # (B,)
+            if not scored.any():
                 continue
-            mixture, sources, faces = mixture[audible], sources[audible], faces[audible]
+            mixture, sources, faces = mixture[scored], sources[scored], faces[scored]
             est = model(mixture, None if cfg.audio_only else faces)["waveforms"]
             acc["si_sdri"].append(si_sdr_improvement(est, sources, mixture, pit=cfg.audio_only))
             acc["sdri"].append(sdr_improvement(est, sources, mixture, pit=cfg.audio_only))

@@ -50,8 +50,9 @@ import torch
 import torch.nn.functional as fn
 from einops import rearrange
 from torch import nn
-from torchmetrics.functional.audio import permutation_invariant_training
+from torchmetrics.functional.audio import permutation_invariant_training, scale_invariant_signal_distortion_ratio
 
+from models.separation_metrics import audible
 from pipelines.spectrogram import SpectrogramConfig, istft, stft
 
 Pair = tuple[int, int]
@@ -84,6 +85,7 @@ class SeparationConfig:
     fc_dims: tuple[int, ...] = (600, 600, 600)
     mask_bound: float = 2.0
     eps: float = 1e-8
+    sisdr_weight: float = 0.0  # > 0: the loss also rewards the waveforms' SI-SDR (dB) by this weight
 
     def __post_init__(self) -> None:
         if self.num_speakers < 1:
@@ -98,6 +100,8 @@ class SeparationConfig:
             raise ValueError(f"audio_proj must be >= 0 (0: off), got {self.audio_proj}")
         if self.face_pool not in ("avg", "max"):
             raise ValueError(f"face_pool must be 'avg' or 'max', got {self.face_pool!r}")
+        if self.sisdr_weight < 0:
+            raise ValueError(f"sisdr_weight must be >= 0 (0: the paper's loss), got {self.sisdr_weight}")
         if not 0.0 < self.power <= 1.0:
             raise ValueError(f"power must be in (0, 1], got {self.power}")
 
@@ -125,7 +129,7 @@ PRESETS: dict[str, SeparationConfig] = {
         audio_dilations=((1, 1), (1, 1), (2, 1), (4, 2)), audio_out_channels=2,
         audio_proj=64, face_channels=(16, 32, 64), visual_channels=64, face_pool="max",
         visual_kernels=(3, 3), visual_dilations=(1, 2),
-        lstm_hidden=64, fc_dims=(128,),
+        lstm_hidden=64, fc_dims=(128,), sisdr_weight=0.01,
     ),
 }
 
@@ -309,27 +313,48 @@ def mix_and_separate_batch(audio: torch.Tensor, faces: torch.Tensor, k: int,
     return sources.sum(dim=1), sources, faces[idx]  # (B, S), (B, K, S), (B, K, T, 3, h, w)
 
 
-def _pair_mse(est: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Complex MSE per example: complex (B, F, N) x2 -> float (B,)."""
-    d = est - ref
-    return (d.real.square() + d.imag.square()).flatten(1).mean(dim=1)
+def _pair_loss(est: torch.Tensor, ref: torch.Tensor, bins: int, sisdr_weight: float) -> torch.Tensor:
+    """Loss of one estimate against one reference per example, on packed rows (`_pack`): float
+    (B, 2·bins + S) x2 -> float (B,). The complex MSE of the compressed spectrograms (mean over
+    the bins of |est - ref|^2), minus `sisdr_weight` x the SI-SDR (dB) of the waveforms where the
+    reference is audible (SI-SDR against silence is undefined: those rows add nothing)."""
+    loss = 2 * (est[:, :2 * bins] - ref[:, :2 * bins]).square().mean(dim=1)  # 2x: mean over (re, im) pairs
+    if sisdr_weight:
+        est_w, ref_w = est[:, 2 * bins:], ref[:, 2 * bins:]
+        heard = audible(ref_w)
+        score = torch.zeros_like(loss)
+        if heard.any():
+            score[heard] = scale_invariant_signal_distortion_ratio(est_w[heard], ref_w[heard], zero_mean=True)
+        loss = loss - sisdr_weight * score
+    return loss
+
+
+def _pack(spec: torch.Tensor, waves: torch.Tensor) -> torch.Tensor:
+    """complex (B, K, F, N), float (B, K, S) -> float (B, K, 2·F·N + S): one row per speaker, so that
+    PIT (torchmetrics) can pair estimates and references by `_pair_loss`."""
+    return torch.cat([torch.view_as_real(spec).flatten(2), waves.float()], dim=-1)
 
 
 def separation_loss(out: dict[str, torch.Tensor], sources: torch.Tensor, cfg: SeparationConfig) -> torch.Tensor:
-    """The paper's loss: MSE between compressed clean and estimated complex spectrograms, a scalar.
+    """The paper's loss: MSE between compressed clean and estimated complex spectrograms, a scalar;
+    with `cfg.sisdr_weight` > 0, minus that weight x the SI-SDR (dB) of each estimated waveform
+    whose reference is audible (`_pair_loss`), averaged over speakers and examples.
 
-    out: `AVSeparator` output (uses `spec_compressed` complex (B, K, F, N)); sources float (B, K, S).
-    Audio-only: the minimum over output permutations per example (PIT via torchmetrics, which builds
-    the K x K pairwise loss matrix and searches all K! pairings, or uses scipy's Hungarian solver for
-    K >= 3 when scipy is installed; both exact). The gradient flows through the chosen pairing only.
+    out: `AVSeparator` output (uses `spec_compressed` complex (B, K, F, N) and `waveforms` (B, K, S));
+    sources float (B, K, S). Audio-only: the minimum over output permutations per example (PIT via
+    torchmetrics, which builds the K x K pairwise loss matrix and searches all K! pairings, or uses
+    scipy's Hungarian solver for K >= 3 when scipy is installed; both exact). The gradient flows
+    through the chosen pairing only.
     """
-    est = out["spec_compressed"]
-    ref = compress(stft(sources, cfg.spec), cfg.power, cfg.eps)  # (B, K, F, N)
+    ref_spec = compress(stft(sources, cfg.spec), cfg.power, cfg.eps)  # (B, K, F, N)
+    bins = ref_spec.shape[-2] * ref_spec.shape[-1]
+    est, ref = _pack(out["spec_compressed"], out["waveforms"]), _pack(ref_spec, sources)
     if not cfg.audio_only:
-        return _pair_mse(est.flatten(0, 1), ref.flatten(0, 1)).mean()
+        return _pair_loss(est.flatten(0, 1), ref.flatten(0, 1), bins, cfg.sisdr_weight).mean()
     with warnings.catch_warnings():  # "install scipy" hint: for K <= 3 the K! search is 6 pairings at most
         warnings.filterwarnings("ignore", message="In pit metric")
-        best, _ = permutation_invariant_training(est, ref, _pair_mse, mode="speaker-wise", eval_func="min")  # (B,)
+        best, _ = permutation_invariant_training(est, ref, _pair_loss, mode="speaker-wise", eval_func="min",
+                                                 bins=bins, sisdr_weight=cfg.sisdr_weight)  # (B,)
     return best.mean()
 
 

@@ -24,6 +24,14 @@ from torchmetrics.functional.audio import (
 )
 
 
+AUDIBLE_POWER = 1e-6  # mean square of a source above -60 dBFS RMS: SI-SDR against silence is undefined
+
+
+def audible(ref: torch.Tensor) -> torch.Tensor:
+    """Which references can be scored: float (..., S) -> bool (...), mean square > AUDIBLE_POWER."""
+    return ref.pow(2).mean(dim=-1) > AUDIBLE_POWER
+
+
 def _check(est: torch.Tensor, ref: torch.Tensor) -> None:
     if est.shape != ref.shape or est.ndim != 3:
         raise ValueError(f"est and ref must both be (B, K, S), got {tuple(est.shape)} and {tuple(ref.shape)}")
