@@ -10,7 +10,7 @@ import torch
 
 from models.separation import (
     PRESETS, AVSeparator, SeparationConfig, compress, count_parameters, decode, decompress,
-    mix_and_separate_batch, preset, separation_loss,
+    mix_and_separate_batch, preset, separation_loss, soft_snr,
 )
 from models.separation_metrics import (
     best_permutation, pit_align, sdr, sdr_improvement, si_sdr, si_sdr_improvement,
@@ -190,36 +190,43 @@ def test_pit_loss_is_invariant_to_output_order_and_av_loss_is_not():
             assert not torch.isclose(a, b)
 
 
-def test_loss_adds_weighted_si_sdr_of_audible_sources_only():
+def test_soft_snr_values():
+    ref = 0.1 * torch.randn(2, 4000)
+    torch.testing.assert_close(soft_snr(ref, ref, 30.0), torch.tensor([30.0, 30.0]))
+    torch.testing.assert_close(soft_snr(torch.zeros_like(ref), ref, 30.0), torch.full((2,), -10 * math.log10(1.001)))
+    torch.testing.assert_close(soft_snr(0.5 * ref, ref, 20.0), torch.full((2,), -10 * math.log10(0.25 + 0.01)))
+
+
+def test_loss_adds_weighted_snr_of_audible_sources_only():
     """separation_loss = mean over (example, speaker) of the compressed complex MSE minus
-    sisdr_weight x SI-SDR (dB) where the reference is audible, 0 where it is silent; audio-only:
+    snr_weight x soft_snr (dB) where the reference is audible, 0 where it is silent; audio-only:
     the better of the two pairings per example. The silent reference leaves the gradient finite."""
     cfg = preset("tiny")
-    assert cfg.sisdr_weight == 0.01 and PRESETS["paper"].sisdr_weight == 0.0
+    assert cfg.snr_weight == 0.1 and PRESETS["paper"].snr_weight == 0.0
     mix, faces = _inputs(2)
     sources = 0.1 * torch.randn(B, 2, S)
-    sources[1, 0] = 0.0  # a silent speaker: no SI-SDR term for it
+    sources[1, 0] = 0.0  # a silent speaker: no SNR term for it
     model = AVSeparator(cfg)
     out = model(mix, faces)
     ref = compress(stft(sources, cfg.spec), cfg.power, cfg.eps)
 
     def terms(o: dict, w: float) -> torch.Tensor:  # (B, K)
         mse = (o["spec_compressed"] - ref).abs().square().flatten(2).mean(dim=2)
-        score = si_sdr(o["waveforms"], sources).nan_to_num()
+        score = soft_snr(o["waveforms"], sources, cfg.snr_max_db).nan_to_num(0.0, 0.0, 0.0)
         score[1, 0] = 0.0
         return mse - w * score
 
     for w in (0.0, 0.01, 0.5):
-        torch.testing.assert_close(separation_loss(out, sources, replace(cfg, sisdr_weight=w)), terms(out, w).mean())
+        torch.testing.assert_close(separation_loss(out, sources, replace(cfg, snr_weight=w)), terms(out, w).mean())
     flipped = {k: v.flip(1) for k, v in out.items()}
     for w in (0.0, 0.5):
-        ao = replace(cfg, audio_only=True, sisdr_weight=w)
+        ao = replace(cfg, audio_only=True, snr_weight=w)
         best = torch.minimum(terms(out, w).mean(dim=1), terms(flipped, w).mean(dim=1))
         torch.testing.assert_close(separation_loss(out, sources, ao), best.mean())
     separation_loss(out, sources, cfg).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-    with pytest.raises(ValueError, match="sisdr_weight must be >= 0"):
-        preset("tiny", sisdr_weight=-1.0)
+    with pytest.raises(ValueError, match="snr_weight must be >= 0"):
+        preset("tiny", snr_weight=-1.0)
 
 
 def test_mix_and_separate_batch_shapes_and_contents():
