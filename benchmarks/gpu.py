@@ -5,7 +5,7 @@ Per task (--tasks), on the same clips and batch size, in the order a, c, b:
   (a) the training step alone: a few prepared batches (task.prepare, as tensors) put on the GPU
       once, then jobs.train.train_epoch over them in turn (bf16 autocast, AdamW): the most the
       model can take in, with no reading or preparing;
-  (c) data alone: avray train's pipeline (jobs.train.clip_dataset, torch_batches with its shuffle)
+  (c) data alone: avray train's pipeline (jobs.data.clip_dataset, torch_batches with its shuffle)
       iterated here with no training: the most the data path delivers;
   (b) `avray train` (jobs.train.run) with 1 GPU worker on a local Ray with all the machine's CPUs:
       Ray Data reads and prepares the clips in its tasks and streams them to the worker
@@ -48,7 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import write_section  # noqa: E402
-from benchmarks.train import numpy_batches, steady, task_for, train_columns, train_split, val_ids  # noqa: E402
+from benchmarks.train import fitted, numpy_batches, steady, train_columns, train_split, val_ids  # noqa: E402
 
 BATCH = {"localization": 128, "separation": 16, "captioning": 64}  # per task; --batch-sizes overrides
 
@@ -68,8 +68,8 @@ def tile_clips(src: Path, work: Path, copies: int) -> Path:
         return data / "clips"
     shutil.rmtree(data, ignore_errors=True)
     (data / "clips").mkdir(parents=True)
-    from jobs.train import _parts
-    for f in sorted(_parts(str(src))):  # raises FileNotFoundError when there are none
+    from jobs.data import clip_files
+    for f in sorted(clip_files(str(src))):  # raises FileNotFoundError when there are none
         t = pq.read_table(f)
         vi, ci = t.schema.get_field_index("video_id"), t.schema.get_field_index("clip_id")
         for k in range(copies):
@@ -138,15 +138,14 @@ def step_only(task, mcfg, clips: Path, columns: list[str], held_out, batch_size:
 
     import torch
 
-    from jobs.tasks import as_tensors
+    from jobs.tasks.base import as_tensors
     from jobs.train import train_epoch
-    from models.checkpoint import build_model
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    staged = [{k: v.to(device) for k, v in as_tensors(task.prepare(b)).items()}
+    staged = [{k: v.to(device) for k, v in as_tensors(task.prepare(b, mcfg)).items()}
               for b in itertools.islice(numpy_batches(clips, columns, held_out, batch_size), n_batches)]
-    model = build_model(task.model, mcfg).to(device)
+    model = task.model(mcfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
     amp = device.type == "cuda"
     train_epoch(model, opt, staged, task, mcfg, gen, device, amp)  # warm-up: kernels chosen, memory pooled
@@ -162,15 +161,17 @@ def step_only(task, mcfg, clips: Path, columns: list[str], held_out, batch_size:
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
-def data_only(task, clips: Path, columns: list[str], held_out, batch_size: int, epochs: int) -> dict:
-    """(c): the training clips of avray train's pipeline (jobs.train.clip_dataset: read and
+def data_only(task, mcfg, clips: Path, columns: list[str], held_out, batch_size: int, epochs: int) -> dict:
+    """(c): the training clips of avray train's pipeline (jobs.data.clip_dataset: read and
     task.prepare in Ray Data tasks; torch_batches with its shuffle) iterated on this process with
     no training, `epochs` times: clips/s of epochs 2..N pooled (the pipeline's ceiling)."""
+    import functools
+
     import torch
 
-    from jobs.train import clip_dataset, torch_batches
+    from jobs.data import clip_dataset, torch_batches
 
-    ds = clip_dataset(train_split(clips, held_out), columns, task.prepare, batch_size)
+    ds = clip_dataset(train_split(clips, held_out), columns, functools.partial(task.prepare, cfg=mcfg), batch_size)
     gen = torch.Generator().manual_seed(0)
     rows, secs = [], []
     for _ in range(epochs):
@@ -289,8 +290,7 @@ def measure(args) -> dict:
     import ray
     import torch
 
-    from jobs.tasks import TASKS
-    from jobs.train import TrainConfig, keep_idle_workers, model_config
+    from jobs.data import keep_idle_workers
 
     sizes = dict(zip(args.tasks, args.batch_sizes)) if args.batch_sizes else {t: BATCH[t] for t in args.tasks}
     if len(sizes) != len(args.tasks):
@@ -316,15 +316,13 @@ def measure(args) -> dict:
     try:
         for name in args.tasks:
             bs = sizes[name]
-            columns = train_columns(clips, TASKS[name])
-            task = task_for(name, clips, [c for c in columns if c not in ("frames", "logmel", "audio")], held_out)
-            mcfg = model_config(TrainConfig(task=name, data=str(clips), out="-", preset="paper"),
-                                getattr(task, "vocab", ()))
+            task, mcfg = fitted(name, clips, held_out, "paper")
+            columns = train_columns(clips, task)
             step = step_only(task, mcfg, clips, columns, held_out, bs, args.step_steps, device)
             if cuda:
                 torch.cuda.empty_cache()  # the step-alone model's memory, before the Ray worker takes the GPU
             print(f"{name}: step alone {step['samples_per_s']:.0f} samples/s, GPU util {step['gpu_util']}", flush=True)
-            data = data_only(task, clips, columns, held_out, bs, args.epochs)
+            data = data_only(task, mcfg, clips, columns, held_out, bs, args.epochs)
             print(f"{name}: data alone {data['samples_per_s']:.0f} samples/s", flush=True)
             avray = avray_train(name, clips, work / "runs" / name, bs, args.epochs, cuda)
             print(f"{name}: avray train {avray['samples_per_s']:.0f} samples/s, wait {avray['data_wait_fraction']:.1%}, "

@@ -6,7 +6,7 @@ not depend on training) with the clip settings `make demo` trains on (2 s clips,
 16 kHz); input: one synthetic scene of 2 s (one clip) at 128 px, the same bytes for every request.
 
   direct: in this process, torch on one thread (as a Serve replica with < 1 CPU gets), a loop of
-          `decode_upload` + `Runner.infer([item])`: the work of one request without Serve;
+          `Task.from_upload` + `Task.infer([item])`: the work of one request without Serve;
   serve:  `avray serve`'s application (jobs.serve.application) on a local Ray with 2 CPUs, one
           replica per deployment (autoscaling off, so batched and unbatched compare like for like),
           queues large enough that no request is refused; an asyncio + aiohttp client keeps
@@ -33,27 +33,39 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import write_section  # noqa: E402
-from jobs.serve import ROUTES, serve_env  # noqa: E402  (light: no Ray or torch at import)
+from jobs.serve import serve_env  # noqa: E402  (light: no Ray or torch at import)
+from jobs.tasks import TASKS  # noqa: E402
 
 CLIP_SETTINGS = {"clip_seconds": 2.0, "fps": 8.0, "size": 96, "sample_rate": 16000, "n_fft": 512,
                  "win_length": 400, "hop_length": 160, "n_mels": 64, "resize": "crop", "hop_seconds": None}
 
 
 def tiny_checkpoints(out: Path, clip_settings: dict[str, Any], captions: list[str]) -> dict[str, str]:
-    """A freshly initialised `tiny` checkpoint per task (seed 0) carrying `clip_settings`, the
-    captioner's vocabulary built from `captions`. Returns task -> path."""
+    """A freshly initialised `tiny` checkpoint per task (seed 0) carrying `clip_settings`, fitted
+    on rows that hold only `captions` (the captioner's vocabulary). Returns task -> path."""
+    import numpy as np
     import torch
 
-    from models.captioning import PRESETS as CAP, build_vocab
-    from models.checkpoint import build_model, save_checkpoint
-    from models.localization import PRESETS as LOC
-    from models.separation import PRESETS as SEP
+    from jobs.tasks import get
+    from models.checkpoint import save_checkpoint
 
+    rows = {"video_id": np.array([f"{i:016x}" for i in range(len(captions))], object),
+            "caption": np.array(captions, object)}
     torch.manual_seed(0)
-    cfgs = {"localization": LOC["tiny"], "separation": SEP["tiny"], "captioning": CAP["tiny"](build_vocab(captions))}
-    return {name: str(save_checkpoint(out / f"{name}.pt", name, build_model(name, cfg), cfg,
-                                      extra={"epoch": 0, "clip_settings": clip_settings}))
-            for name, cfg in cfgs.items()}
+    paths = {}
+    for name in TASKS:
+        task = get(name)
+        cfg = task.fit(task.presets["tiny"], lambda cols: {c: rows[c] for c in cols if c in rows})
+        paths[name] = str(save_checkpoint(out / f"{name}.pt", name, task.model(cfg), cfg,
+                                          extra={"epoch": 0, "clip_settings": clip_settings}))
+    return paths
+
+
+def routes() -> dict[str, str]:
+    """Route name (the last part of its path) -> task."""
+    from jobs.tasks import get
+
+    return {get(t).route.path.rsplit("/", 1)[1]: t for t in TASKS}
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -63,26 +75,33 @@ def _pct(xs: list[float], q: float) -> float:
 
 def direct(route: str, path: str, data: bytes, n: int, seconds: float) -> dict[str, float]:
     """Latency of decode + model for one request, in a loop in this process."""
-    from jobs.serve import AppArgs
-    from jobs.serve_app import RUNNERS, clip_spec, prepare
+    import torch
 
-    task = ROUTES[route]
-    runner = RUNNERS[task](path)
-    spec = clip_spec(runner.ckpt, AppArgs(**{task: path}))
+    from jobs.serve_app import AppArgs
+    from jobs.tasks import load_checkpoint, served_config
+
+    task, cfg, settings = served_config(path, task=routes()[route])
+    model, _ = load_checkpoint(path)
+    device = torch.device("cpu")
+    options = {o.name: o.default for o in task.route.options}
+
+    def prepare() -> dict[str, Any]:
+        return task.from_upload(data, cfg, settings, max_pixels=AppArgs.max_pixels, max_seconds=AppArgs.max_seconds,
+                                options=options)[0]
 
     def one() -> None:
-        runner.infer([prepare(data, spec)])
+        task.infer(model, [prepare()], device)
 
     # the ceiling of what @serve.batch can gain: the model alone on 16 requests, batched vs one by one
-    item = prepare(data, spec)
+    item = prepare()
     singles, batched = [], []
     for _ in range(3):
         t0 = time.perf_counter()
         for _ in range(16):
-            runner.infer([item])
+            task.infer(model, [item], device)
         singles.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        runner.infer([item] * 16)
+        task.infer(model, [item] * 16, device)
         batched.append(time.perf_counter() - t0)
     model_gain = statistics.median(singles) / statistics.median(batched)
 
@@ -152,13 +171,14 @@ def run_serve(ckpts: dict[str, str], data: bytes, routes: list[str], conc: list[
     from ray import serve
 
     from jobs.serve import application
+    from jobs.tasks import get
 
     deployments = [{"name": "Ingress", "num_replicas": 1, "max_ongoing_requests": 256, "max_queued_requests": -1,
                     "ray_actor_options": {"num_cpus": 0.1}},
                    {"name": "Decoder", "num_replicas": 1, "max_ongoing_requests": 8, "max_queued_requests": -1,
                     "ray_actor_options": {"num_cpus": 0.5}}]
     deployments += [{"name": name, "num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": -1,
-                     "ray_actor_options": {"num_cpus": 0.25}} for name in ("Localizer", "Separator", "Captioner")]
+                     "ray_actor_options": {"num_cpus": 0.25}} for name in (get(t).deployment for t in TASKS)]
     args = {**ckpts, "batching": batching, "max_batch_size": 16}
     serve.run(application(args, deployments), name="bench", route_prefix="/")
     out = {}
@@ -175,7 +195,7 @@ def run_serve(ckpts: dict[str, str], data: bytes, routes: list[str], conc: list[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=str(ROOT / "bench-out" / "serve"), help="checkpoints and media")
-    ap.add_argument("--routes", nargs="+", default=list(ROUTES), choices=list(ROUTES))
+    ap.add_argument("--routes", nargs="+", default=list(routes()), choices=list(routes()))
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     ap.add_argument("--requests", type=int, default=64, help="requests per measurement, at least 2 x concurrency")
     ap.add_argument("--seconds", type=float, default=20.0, help="time bound per measurement")
@@ -200,7 +220,7 @@ def main() -> None:
     torch.set_num_threads(1)
     base = {}
     for route in a.routes:
-        base[route] = direct(route, ckpts[ROUTES[route]], data, a.requests, a.seconds)
+        base[route] = direct(route, ckpts[routes()[route]], data, a.requests, a.seconds)
         print(f"  direct {route}: {base[route]['rps']:.1f} req/s, p50 {base[route]['p50'] * 1000:.1f} ms", flush=True)
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

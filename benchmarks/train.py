@@ -2,7 +2,7 @@
 
 One run measures, per task (--tasks), on the same clips (synthetic scenes made once under
 bench-out/train/: `avray synth` then `avray preprocess` at 96 px, 8 fps), the same preset,
-batch size, number of epochs and training split (jobs.train.validation_videos):
+batch size, number of epochs and training split (jobs.data.validation_videos):
 
   (a) a plain loop in this process: pyarrow.dataset streams the clip Parquet (only the
       task's columns, the validation videos filtered out), re-batched to --batch-size rows
@@ -40,6 +40,7 @@ from typing import Any, Iterator
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import write_section  # noqa: E402
+from jobs.tasks import TASKS  # noqa: E402
 
 
 def make_data(work: Path, videos: int, seconds: float, size: int, fps: float) -> Path:
@@ -66,84 +67,75 @@ def make_data(work: Path, videos: int, seconds: float, size: int, fps: float) ->
 def train_columns(clips: Path, task) -> list[str]:
     """The task's columns that the clip files hold (what jobs.train.run asks Ray Data for)."""
     import pyarrow.parquet as pq
-    from jobs.train import _parts
-    present = set(pq.read_schema(sorted(_parts(str(clips)))[0]).names)
+    from jobs.data import clip_files
+    present = set(pq.read_schema(sorted(clip_files(str(clips)))[0]).names)
     return [c for c in task.columns if c in present]
 
 
 def val_ids(clips: Path, fraction: float = 0.1):
     """The held-out video ids, as jobs.train.run computes them (val_fraction default 0.1)."""
     import pyarrow.parquet as pq
-    from jobs.train import validation_videos
+    from jobs.data import validation_videos
     return validation_videos(pq.read_table(str(clips), columns=["video_id"]).column("video_id"), fraction)
 
 
 def train_split(clips: Path, held_out):
-    """avray train's training Split of the clip folder (jobs.train._split) without `held_out` videos."""
+    """avray train's training Split of the clip folder (jobs.data.split_store) without `held_out` videos."""
     import pyarrow.dataset as pads
-    from jobs.train import _split
+    from jobs.data import split_store
     ids = pads.dataset(str(clips), format="parquet").to_table(columns=["video_id", "__filename"])
-    return _split(ids, held_out)[0]
+    return split_store(ids, held_out)[0]
 
 
-def numpy_batches(clips: Path, columns: list[str], held_out, batch_size: int,
-                  drop_last: bool = True) -> Iterator[dict[str, Any]]:
-    """Training clips as numpy batches of `batch_size` rows, streamed file by file: the plain
-    equivalent of read_parquet(columns) -> filter(not validation) -> iter_batches(numpy)."""
-    import pyarrow as pa
+def numpy_batches(clips: Path, columns: list[str], held_out, batch_size: int) -> Iterator[dict[str, Any]]:
+    """Training clips as numpy batches of `batch_size` rows (the last partial one dropped), streamed
+    file by file: the plain equivalent of read_parquet(columns) -> filter(not validation) ->
+    iter_batches(numpy)."""
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
 
+    from jobs import data
+
+    return data.numpy_batches(str(clips), columns, batch_size, filter=~pc.field("video_id").isin(held_out),
+                              drop_last=True)
+
+
+def fitted(name: str, clips: Path, held_out, preset: str):
+    """(task, model config) as jobs.train.run makes them: the preset, fitted on the training split."""
+    from jobs.tasks import get
+    from jobs.train import TrainConfig, model_config
     from pipelines.schema import numpy_batch
 
-    scanner = pads.dataset(str(clips), format="parquet").scanner(
-        columns=columns, filter=~pc.field("video_id").isin(held_out))
-    buf: list = []
-    rows = 0
-    for rb in scanner.to_batches():
-        if rb.num_rows == 0:
-            continue
-        buf.append(rb)
-        rows += rb.num_rows
-        while rows >= batch_size:
-            table = pa.Table.from_batches(buf)
-            yield numpy_batch(table.slice(0, batch_size))
-            rest = table.slice(batch_size)
-            buf, rows = rest.to_batches(), rest.num_rows
-    if rows and not drop_last:
-        yield numpy_batch(pa.Table.from_batches(buf))
+    task = get(name)
+    split = train_split(clips, held_out)
+    present = set(train_columns(clips, task))
+    mcfg = task.fit(model_config(TrainConfig(task=name, data=str(clips), out="-", preset=preset)),
+                    lambda cols: numpy_batch(split.read([c for c in cols if c in present])))
+    return task, mcfg
 
 
-def task_for(name: str, clips: Path, columns: list[str], held_out):
-    """TASKS[name]; captioning gets the vocabulary of the training captions, as in train.run."""
-    from jobs.tasks import TASKS, CaptioningTask, clip_captions
-    from models.captioning import build_vocab
-    if name != "captioning":
-        return TASKS[name]
-    caps = [c for b in numpy_batches(clips, columns, held_out, 1024, drop_last=False) for c in clip_captions(b)]
-    return CaptioningTask(build_vocab(caps))
-
-
-def check_same_batch(clips: Path, task, columns: list[str], held_out, batch_size: int) -> str:
-    """The first training batch of avray train's pipeline (jobs.train.clip_dataset: the training
+def check_same_batch(clips: Path, task, mcfg, columns: list[str], held_out, batch_size: int) -> str:
+    """The first training batch of avray train's pipeline (jobs.data.clip_dataset: the training
     files read and `task.prepare`d in Ray Data tasks, `iter_torch_batches`; in order for the
     check) against the plain loop's first batch (`numpy_batches`, `task.prepare`, `as_tensors`):
     same keys, dtypes, shapes and values. Raises AssertionError otherwise."""
+    import functools
+
     import ray.data
     import torch
 
-    from jobs.tasks import as_tensors
-    from jobs.train import clip_dataset
+    from jobs.data import clip_dataset
+    from jobs.tasks.base import as_tensors
 
     ctx = ray.data.DataContext.get_current()
     order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True
     try:
-        ray_out = next(iter(clip_dataset(train_split(clips, held_out), columns, task.prepare, batch_size).iter_torch_batches(
+        prepare = functools.partial(task.prepare, cfg=mcfg)
+        ray_out = next(iter(clip_dataset(train_split(clips, held_out), columns, prepare, batch_size).iter_torch_batches(
             batch_size=batch_size, drop_last=True)))
     finally:
         ctx.execution_options.preserve_order = order
-    mine = as_tensors(task.prepare(next(numpy_batches(clips, columns, held_out, batch_size))))
+    mine = as_tensors(task.prepare(next(numpy_batches(clips, columns, held_out, batch_size)), mcfg))
     assert list(mine) == list(ray_out), (list(mine), list(ray_out))
     for k, v in ray_out.items():
         assert mine[k].dtype == v.dtype and mine[k].shape == v.shape and torch.equal(mine[k], v), k
@@ -157,20 +149,19 @@ def plain_train(task, mcfg, clips: Path, columns: list[str], held_out, batch_siz
     per epoch with the fields the worker writes to metrics.jsonl (samples_per_s, data_wait_fraction, ...)."""
     import torch
 
-    from jobs.tasks import as_tensors
+    from jobs.tasks.base import as_tensors
     from jobs.train import train_epoch
-    from models.checkpoint import build_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     device = torch.device("cpu")
-    model = build_model(task.model, mcfg).to(device)
+    model = task.model(mcfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
     def batches():
         for b in numpy_batches(clips, columns, held_out, batch_size):
-            yield as_tensors(task.prepare(b))
+            yield as_tensors(task.prepare(b, mcfg))
 
     history = []
     for epoch in range(epochs):
@@ -233,7 +224,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=str(ROOT / "bench-out" / "train"),
                     help="data and runs (default: bench-out/train/)")
     ap.add_argument("--tasks", nargs="+", default=["localization", "separation"],
-                    choices=["localization", "separation", "captioning"])
+                    choices=list(TASKS))
     ap.add_argument("--preset", default="tiny", help="model preset for every task (default: tiny)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=2, help="epochs per run; the first is a warm-up (default: 2)")
@@ -252,8 +243,7 @@ def main() -> None:
     import pyarrow.parquet as pq
     import ray
 
-    from jobs.tasks import TASKS
-    from jobs.train import TrainConfig, keep_idle_workers, model_config
+    from jobs.data import keep_idle_workers
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -269,12 +259,10 @@ def main() -> None:
         n_threads = args.torch_threads or threads["torch_threads"]
         results: dict[str, dict] = {}
         for name in args.tasks:
-            columns = train_columns(clips, TASKS[name])
-            task = task_for(name, clips, columns, held_out)
-            check = check_same_batch(clips, task, columns, held_out, args.batch_size)
+            task, mcfg = fitted(name, clips, held_out, args.preset)
+            columns = train_columns(clips, task)
+            check = check_same_batch(clips, task, mcfg, columns, held_out, args.batch_size)
             print(f"{name}: same batch from Ray Data and pyarrow: {check}", flush=True)
-            mcfg = model_config(TrainConfig(task=name, data=str(clips), out="-", preset=args.preset),
-                                getattr(task, "vocab", ()))
             plain, avray, walls = [], [], {"plain": [], "avray": []}
             for r in range(args.runs):
                 t0 = time.perf_counter()
@@ -333,15 +321,16 @@ def main() -> None:
         "The plain loop reads and prepares (task.prepare) in its training thread; avray train reads and "
         "prepares in Ray Data tasks on the other CPU (map_batches) and the worker only turns the prepared "
         "arrays into tensors (iter_torch_batches, prefetch_batches=2) and draws each batch from a buffer of "
-        "8 batches' clips (its default `--shuffle`, jobs.train.shuffled_batches; the plain loop keeps file "
+        "8 batches' clips (its default `--shuffle`, jobs.data.shuffled_batches; the plain loop keeps file "
         "order). A local Ray keeps max(4, 2 x CPUs) idle workers (4 here), as `avray train` sets it up "
-        "(jobs.train.keep_idle_workers). "
+        "(jobs.data.keep_idle_workers). "
         "Wall s of `run()` include starting the worker, validation and a checkpoint every epoch.",
     ]
     md = "\n".join(lines)
     print(md)
     if args.write:
         write_section(Path(args.write), "train", md)
+
 
 if __name__ == "__main__":
     main()

@@ -18,14 +18,16 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Iterator
+
+from jobs.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    task: str = field(metadata={"help": "what the checkpoint does", "choices": ("localization", "separation", "captioning")})
+    task: str = field(metadata={"help": "what the checkpoint does", "choices": tuple(TASKS)})
     checkpoint: str = field(metadata={"help": "model.pt (or any checkpoint) written by avray train"})
     data: str = field(metadata={"help": "clip Parquet folder to evaluate on (held-out videos)"})
     out: str = field(metadata={"help": "folder for metrics.json and figures", "short": "-o"})
@@ -36,62 +38,24 @@ class EvaluateConfig:
     examples: int = field(default=4, metadata={"help": "examples drawn in the figure"})
 
 
-def _batches(cfg: EvaluateConfig, columns: list[str]) -> Iterator[dict[str, Any]]:
-    """Clip rows as numpy dicts (`pipelines.schema.numpy_batch`), `cfg.batch_size` rows each
-    (the last one may be shorter). pyarrow yields at most batch_size rows per record batch and never
-    spans two files, and a file holds one video's clips, so record batches are re-batched here:
-    separation mixes and localization swaps audio within a batch, which must hold several videos."""
-    import pyarrow as pa
+def run(cfg: EvaluateConfig) -> int:
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
-
-    from jobs.train import validation_videos
-    from pipelines.schema import numpy_batch
-
-    ds = pads.dataset(cfg.data, format="parquet")
-    cols = [c for c in columns if c in ds.schema.names]
-    flt = None
-    if cfg.split == "val":
-        val = validation_videos(ds.to_table(columns=["video_id"]).column("video_id"), cfg.val_fraction)
-        flt = pc.is_in(pc.field("video_id"), value_set=val)
-
-    left = cfg.limit
-    buf: list = []
-    rows = 0
-    for rb in ds.to_batches(columns=cols, filter=flt, batch_size=cfg.batch_size):
-        if left is not None:
-            rb = rb.slice(0, max(left, 0))
-            left -= rb.num_rows
-        if rb.num_rows:
-            buf.append(rb)
-            rows += rb.num_rows
-        while rows >= cfg.batch_size:
-            table = pa.Table.from_batches(buf)
-            yield numpy_batch(table.slice(0, cfg.batch_size))
-            rest = table.slice(cfg.batch_size)
-            buf, rows = rest.to_batches(), rest.num_rows
-        if left is not None and left <= 0:
-            break
-    if rows:
-        yield numpy_batch(pa.Table.from_batches(buf))
-
-
-def run(cfg: EvaluateConfig) -> int:
     import torch
 
-    from jobs.tasks import TASKS, CaptioningTask
-    from models.checkpoint import load_checkpoint
+    from jobs.data import numpy_batches, validation_videos
+    from jobs.tasks import get, load_checkpoint
 
     if not os.path.isdir(cfg.data):
         raise FileNotFoundError(f"no clip folder at {cfg.data}")
     if cfg.batch_size < 2:
         raise ValueError("--batch-size must be >= 2")
-    model, ckpt = load_checkpoint(cfg.checkpoint)
-    task = TASKS[cfg.task]
-    if ckpt["model"] != task.model:
-        raise ValueError(f"{cfg.checkpoint} holds a {ckpt['model']} model, not {cfg.task}")
-    if cfg.task == "captioning":
-        task = CaptioningTask(model.cfg.vocab)
+    task = get(cfg.task)
+    model, ckpt = load_checkpoint(cfg.checkpoint, task=cfg.task)
+    flt = None
+    if cfg.split == "val":
+        ids = pads.dataset(cfg.data, format="parquet").to_table(columns=["video_id"]).column("video_id")
+        flt = pc.is_in(pc.field("video_id"), value_set=validation_videos(ids, cfg.val_fraction))
     os.makedirs(cfg.out, exist_ok=True)
     t0 = time.perf_counter()
     clips = 0
@@ -99,8 +63,8 @@ def run(cfg: EvaluateConfig) -> int:
 
     def collated() -> Iterator[dict[str, torch.Tensor]]:
         nonlocal clips, first
-        for b in _batches(cfg, task.columns):
-            c = task.collate(b)
+        for b in numpy_batches(cfg.data, list(task.columns), cfg.batch_size, flt, cfg.limit):
+            c = task.collate(b, model.cfg)
             clips += len(next(iter(c.values())))
             first = c if first is None else first
             yield c

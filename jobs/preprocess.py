@@ -14,7 +14,6 @@ example:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -22,10 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
-
-# Settings that change what a clip contains: a rerun into the same OUT must keep them.
-_CONTENT_KEYS = ("clip_seconds", "hop_seconds", "fps", "size", "resize", "sample_rate",
-                 "n_mels", "n_fft", "hop_length", "win_length")
 
 
 @dataclass(frozen=True)
@@ -52,23 +47,16 @@ class PreprocessConfig:
     retry_failed: bool = field(default=False, metadata={"help": "try the files in OUT/errors again"})
 
 
-def _settings(cfg: PreprocessConfig, carried_names: list[str]) -> dict[str, Any]:
-    d = dataclasses.asdict(cfg)
-    return {**{k: d[k] for k in _CONTENT_KEYS}, "carried_columns": carried_names}
-
-
 def _ingest_config(cfg: PreprocessConfig):
-    from pipelines.decode import DecodeConfig
+    """The clip settings of `cfg` (pipelines.clipsettings: what a clip contains, also written to
+    OUT/_config.json) with this run's limits."""
+    from pipelines.clipsettings import ClipSettings
     from pipelines.ingest import IngestConfig
-    from pipelines.spectrogram import SpectrogramConfig
 
-    decode = DecodeConfig(clip_seconds=cfg.clip_seconds, hop_seconds=cfg.hop_seconds, fps=cfg.fps,
-                          size=cfg.size, resize=cfg.resize, sample_rate=cfg.sample_rate,
-                          max_pixels=cfg.max_pixels, max_seconds=cfg.max_seconds,
-                          allowed_schemes=tuple(cfg.allow_scheme))
-    spec = SpectrogramConfig(sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, win_length=cfg.win_length,
-                             hop_length=cfg.hop_length, n_mels=cfg.n_mels)
-    return IngestConfig(decode=decode, spectrogram=spec, batch_clips=cfg.batch_clips)
+    clip = ClipSettings.from_fields(cfg)
+    decode = clip.decode_config(max_pixels=cfg.max_pixels, max_seconds=cfg.max_seconds,
+                                allowed_schemes=tuple(cfg.allow_scheme))
+    return clip, IngestConfig(decode=decode, spectrogram=clip.spectrogram_config(), batch_clips=cfg.batch_clips)
 
 
 def run(cfg: PreprocessConfig) -> int:
@@ -81,7 +69,7 @@ def run(cfg: PreprocessConfig) -> int:
     from pipelines.sources import carried_schema, list_sources
 
     t_start = time.perf_counter()
-    icfg = _ingest_config(cfg)
+    clip, icfg = _ingest_config(cfg)
     sources = list_sources(cfg.inputs)
     if sources.num_rows == 0:
         raise ValueError(f"no video files found in {list(cfg.inputs)}")
@@ -92,7 +80,8 @@ def run(cfg: PreprocessConfig) -> int:
     if cfg.overwrite:
         store.clear()
     store.create()
-    settings = _settings(cfg, carried.names)
+    # what the clips contain: a rerun into the same OUT must keep it (avray train copies it into checkpoints)
+    settings = {**clip.to_dict(), "carried_columns": carried.names}
     previous = store.read_json("_config.json")
     if previous is not None and previous != settings:
         diff = {k: (previous.get(k), settings[k]) for k in settings if previous.get(k) != settings[k]}

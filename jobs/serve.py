@@ -3,9 +3,10 @@
 Routes (FastAPI; OpenAPI at /docs): POST /v1/localize (video -> heatmap per sampled frame and
 its peak; ?overlay=png for an animated PNG), POST /v1/separate (video + optional speaker boxes
 -> one WAV per speaker: a zip, or ?format=json with base64 WAVs), POST /v1/caption (video or
-image -> caption; ?beam_size=N), GET /healthz, GET /v1/models. Each route is served only when
-its checkpoint (from avray train) is given. A decode deployment (CPU, the ingest decoder) feeds
-one deployment per model (GPU when the cluster has one) with @serve.batch on model calls.
+image -> caption; ?beam_size=N), GET /healthz, GET /v1/models. Each task's route is served only
+when its checkpoint (from avray train) is given; uploads are decoded with the clip settings of
+the checkpoint's training data. A decode deployment (CPU, the ingest decoder) feeds one
+deployment per model (GPU when the cluster has one) with @serve.batch on model calls.
 Deployment settings (replicas, autoscaling, max_ongoing_requests / max_queued_requests) come
 from the Serve config file, jobs/serve_config.yaml by default; options given here override its
 application args. The same app runs on a cluster with `serve run jobs/serve_config.yaml` or
@@ -20,18 +21,13 @@ example:
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
-log = logging.getLogger(__name__)
+from jobs.tasks import TASKS
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_config.yaml")
-TASKS = ("localization", "separation", "captioning")
-ROUTES = {"localize": "localization", "separate": "separation", "caption": "captioning"}  # /v1/<route> -> task
-DEPLOYMENT = {"localization": "Localizer", "separation": "Separator", "captioning": "Captioner"}  # names in the config
-
 
 # Ray Serve's documented high-throughput mode (Ray >= 2.56): replicas talk to each other over direct
 # gRPC instead of through the object store, which roughly halves the cost of each hop that carries
@@ -48,67 +44,20 @@ def serve_env() -> None:
         os.environ.setdefault(k, v)
 
 
-@dataclass(frozen=True)
-class AppArgs:
-    """The application's arguments: `args:` of the Serve config file, or avray serve's options."""
-
-    localization: str | None = None  # checkpoint paths; a route exists only when its model is given
-    separation: str | None = None
-    captioning: str | None = None
-    max_upload_mb: float = 50.0      # larger uploads: 413
-    max_seconds: float = 60.0        # longer media: 413
-    max_pixels: int = 1920 * 1080    # larger frames: 413
-    token: str | None = None         # bearer token for /v1 routes (None: open)
-    batching: bool = True            # @serve.batch on model calls (False: one request per call)
-    max_batch_size: int = 16         # requests per model call when batching
-    batch_wait_ms: float = 0.0       # how long a batch waits to fill (a lone request waits this long); 0: a
-                                     # batch is what queued up while the previous one ran
-    use_gpu: str = "auto"            # auto: model deployments take a GPU share when the cluster has GPUs
-
-    def __post_init__(self) -> None:
-        if not any(getattr(self, t) for t in TASKS):
-            raise ValueError("give at least one checkpoint: --localization, --separation or --captioning "
-                             "(make demo trains tiny ones under demo/runs)")
-        for t in TASKS:
-            path = getattr(self, t)
-            if path and not os.path.isfile(path):
-                raise FileNotFoundError(f"{t} checkpoint not found: {path}")
-        if self.max_upload_mb <= 0 or self.max_seconds <= 0 or self.max_pixels <= 0:
-            raise ValueError("max_upload_mb, max_seconds and max_pixels must be > 0")
-        if self.max_batch_size < 1 or self.batch_wait_ms < 0:
-            raise ValueError("max_batch_size must be >= 1 and batch_wait_ms >= 0")
-        if self.use_gpu not in ("auto", "yes", "no"):
-            raise ValueError(f"use_gpu must be auto, yes or no, got {self.use_gpu!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AppArgs":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown serve args {unknown}; known: {sorted(names)}")
-        d = dict(d)
-        if not d.get("token"):
-            d["token"] = os.environ.get("AVRAY_TOKEN") or None
-        for t in TASKS:  # relative checkpoint paths are relative to where serve was started
-            if d.get(t):
-                d[t] = os.path.abspath(d[t])
-        return cls(**d)
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    localization: str | None = field(default=None, metadata={"help": "localization checkpoint (avray train's model.pt)"})
-    separation: str | None = field(default=None, metadata={"help": "separation checkpoint"})
-    captioning: str | None = field(default=None, metadata={"help": "captioning checkpoint"})
-    config: str = field(default=DEFAULT_CONFIG, metadata={"help": "Serve config file: deployment settings and default args"})
-    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0 exposes the service)"})
-    port: int = field(default=8000, metadata={"help": "HTTP port"})
-    token: str | None = field(default=None, metadata={"help": "bearer token required on /v1 routes (default: AVRAY_TOKEN)"})
-    max_upload_mb: float | None = field(default=None, metadata={"help": "upload size limit (default: the config's)"})
-    max_seconds: float | None = field(default=None, metadata={"help": "media duration limit (default: the config's)"})
-    request_timeout_s: float | None = field(default=None, metadata={"help": "end-to-end timeout -> 408 (default: the config's)"})
-    batching: bool | None = field(default=None, metadata={"help": "@serve.batch on model calls (default: the config's)"})
-    address: str | None = field(default=None, metadata={"help": "Ray address (default: RAY_ADDRESS, else a local Ray)"})
+# One checkpoint option per task of the table (--localization CKPT, ...), then the service's own.
+ServeConfig = dataclasses.make_dataclass("ServeConfig", [
+    *((t, str | None, field(default=None, metadata={"help": f"{t} checkpoint (avray train's model.pt): serves its route"}))
+      for t in TASKS),
+    ("config", str, field(default=DEFAULT_CONFIG, metadata={"help": "Serve config file: deployment settings and default args"})),
+    ("host", str, field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0 exposes the service)"})),
+    ("port", int, field(default=8000, metadata={"help": "HTTP port"})),
+    ("token", str | None, field(default=None, metadata={"help": "bearer token required on /v1 routes (default: AVRAY_TOKEN)"})),
+    ("max_upload_mb", float | None, field(default=None, metadata={"help": "upload size limit (default: the config's)"})),
+    ("max_seconds", float | None, field(default=None, metadata={"help": "media duration limit (default: the config's)"})),
+    ("request_timeout_s", float | None, field(default=None, metadata={"help": "end-to-end timeout -> 408 (default: the config's)"})),
+    ("batching", bool | None, field(default=None, metadata={"help": "@serve.batch on model calls (default: the config's)"})),
+    ("address", str | None, field(default=None, metadata={"help": "Ray address (default: RAY_ADDRESS, else a local Ray)"})),
+], frozen=True)
 
 
 def read_config(path: str) -> dict[str, Any]:
@@ -128,9 +77,9 @@ def read_config(path: str) -> dict[str, Any]:
 
 
 def application(args: dict[str, Any], deployments: list[dict[str, Any]] | None = None):
-    """The bound Serve application. `args`: AppArgs fields; `deployments`: per-deployment option
-    overrides as in a Serve config file (`name` + options)."""
-    from jobs.serve_app import build
+    """The bound Serve application. `args`: the config file's form of jobs.serve_app.AppArgs;
+    `deployments`: per-deployment option overrides as in a Serve config file (`name` + options)."""
+    from jobs.serve_app import AppArgs, build
 
     return build(AppArgs.from_dict(args), deployments or [])
 
@@ -148,6 +97,9 @@ def run(cfg: ServeConfig) -> int:
     serve_env()  # before Ray (and ray.serve's constants) are imported and a local Ray starts
     import ray
     from ray import serve
+
+    from jobs.serve_app import AppArgs
+    from jobs.tasks import get
 
     raw = read_config(cfg.config)
     app_cfg = raw["applications"][0]
@@ -175,7 +127,7 @@ def run(cfg: ServeConfig) -> int:
         serve.start(http_options=http)
         app = application(args, app_cfg.get("deployments"))  # after ray.init: use_gpu auto looks at the cluster
         serve.run(app, name=app_cfg.get("name", "avray"), route_prefix=app_cfg.get("route_prefix", "/"))
-        routes = [f"/v1/{r}" for r, t in ROUTES.items() if getattr(served, t)]
+        routes = [get(t).route.path for t in TASKS if t in served.checkpoints]
         print(f"avray serve: http://{cfg.host}:{cfg.port}  routes: {', '.join(routes)}, /healthz, /v1/models, /docs"
               + ("  (bearer token required)" if served.token else ""), flush=True)
         print("  Ctrl-C stops", flush=True)

@@ -15,23 +15,9 @@ that otherwise forgets where it looked, can say "on the left"; the time embeddin
 tell frames apart. The vocabulary lives in the config (`CaptioningConfig.vocab`), so a checkpoint
 rebuilds the model with its words. `caption_loss` adds the doubly stochastic penalty (eq. 14).
 
-Departures in the tiny preset (measured on the synthetic scenes, BENCHMARKS.md): the encoder sees
-every 8th frame of a clip (`frame_stride`; 16 frames at 8 fps -> 2 frames, at 0 and 1 s). Each
-decoder step attends over all T*h*w cells, so at 16 frames (1024 cells) the decoder, not the CNN,
-set the pace (~30 clips/s on one core, 2 epochs in the 15-minute budget); at 4 frames (256 cells)
-it trains ~4.5x faster in a plain loop over clips held in memory, and more epochs outweigh the
-lost frames: on the held-out clips, 5 minutes (7 epochs) of that loop named the sounding object
-first in 70 % of the captions, against 47.5 % for `avray train`'s 2 epochs at 16 frames (the
-object sounding longest is told by the audio, which the model must learn to map to a colour and a
-shape). At 2 frames (128 cells) the visual CNN's cost halves again: 192 against 119 clips/s per
-training step on one thread (batch 16), and under `avray train` 20 epochs fit the 15 minutes
-where 12 did at 4 frames (~155 against ~100 clips/s): the sounding object named first in 80.0 %
-of held-out captions, against 75.4 % (45.0 % and 37.5 % without audio); 82.9 % with batches
-shuffled each epoch (`avray train --shuffle`, the default; 15.1 minutes for 20 epochs). Tried in the 5-minute
-loop and not kept: audio in the attention query and in the deep output (audio-guided attention),
-68 %; an audio CNN twice as wide (D = 64) with lr 2e-3, 65 % (22 % slower per step; alone,
-trained to name the longest-sounding object from the log-mel, the tiny audio CNN reaches 85 % at
-width 8 and 87.5 % at width 16, so the audio can tell the sounding object in most clips).
+The tiny preset's encoder sees every 8th frame of a clip (`frame_stride`): each decoder step
+attends over all T*h*w cells, so at every frame the decoder, not the CNN, set the pace, and more
+epochs in the time budget outweighed the lost frames (BENCHMARKS.md, quality notes).
 """
 
 from __future__ import annotations
@@ -39,8 +25,8 @@ from __future__ import annotations
 import functools
 import string
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -143,31 +129,27 @@ class CaptioningConfig:
             raise ValueError("dropout must be in [0, 1), audio_dropout in [0, 1], doubly_stochastic >= 0")
 
 
-def _tiny(vocab: tuple[str, ...]) -> CaptioningConfig:
+PRESETS: dict[str, CaptioningConfig] = {
     # 0.39 M parameters (389,932 + 129 per word); 64 px frames -> 8 x 8 cells per frame; trains on 2 CPU cores.
     # Every 8th frame (a 16-frame clip at 8 fps -> 2 frames, 128 cells): 8x fewer attention cells per
     # decoder step and 8x fewer frames through the CNN than every frame (see the module docstring).
-    return CaptioningConfig(vocab=tuple(vocab), frame_stride=8)
-
-
-def _paper(vocab: tuple[str, ...]) -> CaptioningConfig:
+    "tiny": CaptioningConfig(frame_stride=8),
     # 27.8 M parameters (27,834,116 + 1,025 per word). ResNet-18 trunk at 224 px (7 x 7 x 512
     # annotations per frame; the paper used VGG conv5_4, 14 x 14 x 512), word embedding and
     # attention 512, LSTM 1024; VGGish audio with a 128-d embedding; λ = 1 (common reimplementations).
-    return CaptioningConfig(
-        vocab=tuple(vocab), visual=VisualEncoderConfig(arch="resnet18"), audio=AudioEncoderConfig(arch="vggish"),
+    "paper": CaptioningConfig(
+        visual=VisualEncoderConfig(arch="resnet18"), audio=AudioEncoderConfig(arch="vggish"),
         feature_dim=512, audio_dim=128, embed_dim=512, hidden_dim=1024, attention_dim=512, max_len=32,
-        max_frames=32, dropout=0.5, doubly_stochastic=1.0, audio_dropout=0.2, image_size=224)
-
-
-PRESETS: dict[str, Callable[[tuple[str, ...]], CaptioningConfig]] = {"tiny": _tiny, "paper": _paper}
+        max_frames=32, dropout=0.5, doubly_stochastic=1.0, audio_dropout=0.2, image_size=224),
+}
+"""Presets with the special tokens as their only words: training fits the vocabulary (`build_vocab`)."""
 
 
 def preset(name: str, vocab: tuple[str, ...]) -> CaptioningConfig:
     """The named preset ("tiny" | "paper") with `vocab` (e.g. from `build_vocab`)."""
     if name not in PRESETS:
         raise KeyError(f"unknown captioning preset {name!r}; expected one of {sorted(PRESETS)}")
-    return PRESETS[name](vocab)
+    return replace(PRESETS[name], vocab=tuple(vocab))
 
 
 @dataclass

@@ -2,15 +2,17 @@
 
 A checkpoint is one `torch.save`d dict::
 
-    {"model": name,              # a key of BUILDERS, e.g. "localization"
+    {"model": name,              # the task's name, e.g. "localization"
      "config": {...},            # the model's frozen config dataclass as a plain dict
      "state_dict": {...},        # model.state_dict(), tensors on CPU
      "extra": {...}}             # anything plain: step, epoch, metrics, optimizer state
 
 It is loaded with `torch.load(..., weights_only=True)`, so the config and `extra` may only hold
 str / int / float / bool / None / list / tuple / dict (and tensors in `extra`). The model is
-rebuilt from `BUILDERS[name]`; config fields named `weights` (paths of pretrained files used at
-initialisation) are set to None for the rebuild, since the state dict already holds the weights.
+rebuilt from the (config class, model class) that the caller's `builders` give for its name
+(jobs.tasks.builders: the task table); config fields named `weights` (paths of pretrained files
+used at initialisation) are set to None for the rebuild, since the state dict already holds the
+weights.
 """
 
 from __future__ import annotations
@@ -21,21 +23,12 @@ import tempfile
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from models.captioning import Captioner, CaptioningConfig
-from models.localization import LocalizationConfig, SoundLocalizer
-from models.separation import AVSeparator, SeparationConfig
-
-# Task name -> (config dataclass, model class); the model is built as model_cls(config).
-BUILDERS: dict[str, tuple[type, type]] = {
-    "localization": (LocalizationConfig, SoundLocalizer),
-    "separation": (SeparationConfig, AVSeparator),
-    "captioning": (CaptioningConfig, Captioner),
-}
+Builders = Mapping[str, tuple[type, type]]  # model name -> (config dataclass, model class built as model_cls(config))
 
 _KEYS = ("model", "config", "state_dict", "extra")
 _PLAIN = (str, int, float, bool, type(None))
@@ -122,32 +115,16 @@ def _without_init_weights(config: Any) -> Any:
     return dataclasses.replace(config, **changes) if changes else config
 
 
-def _builder(name: str) -> tuple[type, type]:
-    if name not in BUILDERS:
-        raise KeyError(f"unknown model {name!r}; known models: {sorted(BUILDERS)}")
-    return BUILDERS[name]
-
-
-def build_model(name: str, config: Any) -> nn.Module:
-    """Build model `name` from its config dataclass (or a plain dict of it)."""
-    cfg_cls, model_cls = _builder(name)
-    if isinstance(config, dict):
-        config = config_from_dict(cfg_cls, config)
-    if not isinstance(config, cfg_cls):
-        raise TypeError(f"model {name!r} needs a {cfg_cls.__name__}, got {type(config).__name__}")
-    return model_cls(config)
-
-
 def save_checkpoint(path: str | Path, name: str, model: nn.Module, config: Any,
                     extra: dict[str, Any] | None = None) -> Path:
     """Write the checkpoint of `model` atomically (temporary file in the same folder, then rename).
 
-    name: a key of BUILDERS; config: that model's config dataclass; extra: plain values and
-    tensors (step, metrics, optimizer state...). Returns the path written.
+    name: the model's (task's) name; config: its config dataclass, of the type of `model.cfg`;
+    extra: plain values and tensors (step, metrics, optimizer state...). Returns the path written.
     """
-    cfg_cls, _ = _builder(name)
-    if not isinstance(config, cfg_cls):
-        raise TypeError(f"model {name!r} needs a {cfg_cls.__name__}, got {type(config).__name__}")
+    own = getattr(model, "cfg", config)
+    if type(config) is not type(own):
+        raise TypeError(f"model {name!r} needs a {type(own).__name__}, got {type(config).__name__}")
     extra = {} if extra is None else extra
     _check_plain(extra, "extra", allow_tensors=True)
     ckpt = {
@@ -171,13 +148,9 @@ def save_checkpoint(path: str | Path, name: str, model: nn.Module, config: Any,
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Read a checkpoint (weights_only=True) and rebuild its model from BUILDERS.
-
-    Returns (model in eval mode on `map_location`, the checkpoint dict). Raises FileNotFoundError
-    for a missing file, ValueError for a file that is not a checkpoint, KeyError for an unknown
-    model name.
-    """
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint dict (weights_only=True), checked to be one; nothing is built. Raises
+    FileNotFoundError for a missing file and ValueError for a file that is not a checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -188,8 +161,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in _KEYS):
         got = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} is not an avray checkpoint: expected keys {list(_KEYS)}, got {got}")
-    cfg_cls, _ = _builder(ckpt["model"])
-    config = config_from_dict(cfg_cls, ckpt["config"])
-    model = build_model(ckpt["model"], _without_init_weights(config))
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, builders: Builders,
+                    map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Read a checkpoint (`read_checkpoint`) and rebuild its model with `builders[name]`.
+
+    Returns (model in eval mode on `map_location`, the checkpoint dict). Raises like
+    `read_checkpoint`, and KeyError for a model name `builders` does not know.
+    """
+    ckpt = read_checkpoint(path, map_location)
+    if ckpt["model"] not in builders:
+        raise KeyError(f"unknown model {ckpt['model']!r}; known models: {sorted(builders)}")
+    cfg_cls, model_cls = builders[ckpt["model"]]
+    model = model_cls(_without_init_weights(config_from_dict(cfg_cls, ckpt["config"])))
     model.load_state_dict(ckpt["state_dict"], strict=True)
     return model.to(map_location).eval(), ckpt

@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -33,15 +32,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VISUAL_ARCHS = ("resnet18", "tiny")
 AUDIO_ARCHS = ("tiny", "vggish", "resnet18")
-
-
-def frames_to_tensor(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 frames (..., H, W, 3) as stored in clip rows -> float32 (..., 3, H, W) in [0, 1]."""
-    x = torch.as_tensor(frames)
-    if x.dtype != torch.uint8 or x.shape[-1] != 3:
-        raise ValueError(f"expected uint8 (..., H, W, 3) frames, got {x.dtype} {tuple(x.shape)}")
-    x = rearrange(x, "... h w c -> ... c h w")  # (..., 3, H, W)
-    return x.float().div_(255.0).contiguous()
 
 
 def _stage(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
@@ -138,7 +128,8 @@ class VisualEncoderConfig:
 class VisualEncoder(nn.Module):
     """RGB frames float (B, 3, H, W) in [0, 1] -> grid (B, D, h, w) -> vector (B, D).
 
-    ImageNet mean/std normalisation happens inside, so callers pass `frames_to_tensor` output.
+    ImageNet mean/std normalisation happens inside: callers pass uint8 frames / 255 (as the tasks'
+    `prepare` + `to_model` give them, jobs/tasks/base.py).
     Grid size: h = ceil(H / 32) for resnet18, ceil(H / 8) for tiny.
     """
 

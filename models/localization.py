@@ -55,14 +55,9 @@ class LocalizationConfig:
 PRESETS: dict[str, LocalizationConfig] = {
     # ~0.4 M parameters; 96 px frames -> 12 x 12 grid; trains on 2 CPU cores in minutes. Supervised
     # attention loss at Senocak's weight 1 (semi-supervised: clips without boxes add only InfoNCE).
-    # The audio is the 0.5 s around the frame: in a 2 s synthetic clip the objects sounding anywhere
-    # in the clip are the ones sounding at its middle frame for 61 % of the clips, within +-0.25 s
-    # for 85 % (measured on 213 held-out clips), so the whole clip's sound often names the wrong object.
-    # tau = 0.2, not 0.07: at 0.07 the softmax puts ~80 % of the attention on the sounding box with
-    # cosine gaps of a few hundredths, so the cosine map (the localization map) stays as high on the
-    # silent objects; measured after 200-500 steps on the same batches: cIoU@0.5 0.23 (tau 0.07) vs
-    # 0.64-0.79 (tau 0.2) on the training batches; 0.62 on held-out scenes after those 600 steps
-    # (results of the 4-epoch benchmark run: BENCHMARKS.md, benchmarks/quality.py).
+    # It hears the 0.5 s around the frame (in a 2 s clip, the whole clip's sound often names another
+    # object than the one sounding at the frame), and tau = 0.2, not 0.07 (at 0.07 the cosine map,
+    # the localization map, stays as high on the silent objects). Measurements: BENCHMARKS.md.
     "tiny": LocalizationConfig(temperature=0.2, attention_weight=1.0, audio_window_s=0.5),
     # ResNet-18 visual trunk at 224 px (7 x 7 grid), ResNet-18 audio on 1 channel, E = 512, tau = 0.03
     # (EZ-VSL's settings). Pass a local ImageNet state dict via `visual.weights` to start pretrained.
@@ -169,34 +164,14 @@ def triplet_loss(attended: torch.Tensor, audio: torch.Tensor, margin: float) -> 
     return F.relu(pos - d + margin)[off].mean()
 
 
-def boxes_to_mask(boxes: torch.Tensor, image_size: int | tuple[int, int],
-                  grid_hw: int | tuple[int, int]) -> torch.Tensor:
-    """Fraction of each grid cell covered by a box.
-
-    boxes: float (B, 4) pixel xyxy (continuous coordinates; pixel (r, c) spans [c, c+1) x [r, r+1));
-    image_size: (H, W); grid_hw: (h, w), cell (r, c) spans H / h rows and W / w columns.
-    Returns float (B, h, w) in [0, 1]. With grid_hw = image_size it is a pixel coverage mask
-    (threshold at 0.5 for a bool mask at image resolution).
-    """
-    H, W = (image_size, image_size) if isinstance(image_size, int) else image_size
-    h, w = (grid_hw, grid_hw) if isinstance(grid_hw, int) else grid_hw
-    boxes = boxes.float()
-    ys = torch.arange(h + 1, device=boxes.device, dtype=torch.float32) * (H / h)  # (h + 1,) cell edges
-    xs = torch.arange(w + 1, device=boxes.device, dtype=torch.float32) * (W / w)  # (w + 1,)
-    x0, y0, x1, y1 = (boxes[:, k, None] for k in range(4))  # each (B, 1)
-    ov_y = (torch.minimum(y1, ys[1:]) - torch.maximum(y0, ys[:-1])).clamp_min(0) / (H / h)  # (B, h)
-    ov_x = (torch.minimum(x1, xs[1:]) - torch.maximum(x0, xs[:-1])).clamp_min(0) / (W / w)  # (B, w)
-    return einsum(ov_y, ov_x, "b h, b w -> b h w")  # (B, h, w)
-
-
 def attention_supervision_loss(attention: torch.Tensor, box_masks: torch.Tensor,
                                has_box: torch.Tensor) -> torch.Tensor:
     """Senocak's supervised attention loss: cross-entropy -sum(g * log(attention)) between the
     attention map and the ground-truth map g = box_mask / sum(box_mask), averaged over samples
     with `has_box` (and a non-empty mask) only; 0 (with gradient) when there are none.
 
-    attention: float (B, h, w) summing to 1; box_masks: float (B, h, w) >= 0 (e.g.
-    `boxes_to_mask`); has_box: bool (B,). Returns a float scalar.
+    attention: float (B, h, w) summing to 1; box_masks: float (B, h, w) >= 0 (e.g. the share of
+    each cell that the sounding boxes cover); has_box: bool (B,). Returns a float scalar.
     """
     mass = box_masks.sum(dim=(-2, -1))  # (B,)
     keep = has_box.bool() & (mass > 0)

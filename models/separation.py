@@ -7,51 +7,30 @@
     fuse (concat per STFT frame) ──BLSTM──FC──▶ one bounded complex ratio mask per speaker (B, K, F, N)
     decode: mask × compressed mixture ──decompress──iSTFT──▶ waveforms (B, K, S)
 
-Departures from the paper, on purpose:
-- Faces: the paper feeds frozen FaceNet embeddings; here a small CNN over each frame's face crop
-  is trained with the rest (no weight downloads). Its grid is average-pooled (`paper`) or
-  max-pooled (`tiny`: "is this object in the picture" is a max; on synthetic scenes, where an
-  object covers ~4 % of the frame, max pooling lifted the tiny model's SI-SDRi after 5 minutes
-  from 1.8 to 2.4 dB, and wider channels to 2.5).
-- Audio width at the fusion: the paper concatenates all C·F audio features (8 x 257) with the
-  visual ones. With `audio_proj` (the `tiny` preset: 64) a linear layer + ReLU narrows them first,
-  so that 2 x 257 audio features do not outnumber 2 x 64 visual ones fourfold in the BLSTM's input.
-  After 5 minutes on synthetic scenes (one run each): 3.6 dB SI-SDRi at width 64, against 2.5 dB
-  without; 2.9 / 3.2 / 3.2 / 3.1 dB at 16 / 32 / 128 / 256; 1.25x the clips/s at 64.
-- STFT of the `tiny` preset: a 32 ms window every 16 ms (n_fft 512, hop 256) instead of the paper's
-  25 ms every 10 ms (hop 160): 126 frames for 2 s instead of 201, so the full-resolution audio
-  convolutions and the BLSTM run on 0.63x the frames (1.47x the clips/s of a training step).
-  After 5 minutes on synthetic scenes: 4.4 and 4.2 dB SI-SDRi (two seeds) against 3.6 dB at hop
-  160; hops of 320 (n_fft 640) and 512 (n_fft 1024): 3.3 and 3.1 dB. The ideal mask decodes at
-  ~70 dB SI-SDRi with any of them.
-- Speaker slots: the paper concatenates all K visual streams and predicts K masks from one head,
-  so which output is whose is learned. Here the head runs once per speaker on
-  [audio, visual_k, mean_j visual_j] and predicts that speaker's mask: output k follows faces[:, k]
-  *by construction* (swapping faces swaps the masks bitwise for K=2, to rounding for K=3),
-  and the other speakers still inform each mask through the mean. The BLSTM input width is the
-  paper's for K=2; its cost is K times the paper's.
-- Mask: a complex ratio mask (cRM) applied to the *compressed* mixture, each of its real and
-  imaginary parts bounded by `mask_bound * tanh(.)` (the cRM literature bounds the mask with a
-  tanh, Williamson et al. 2016). In the compressed domain ideal masks are tame, |S_k/X|^0.3, so
-  a bound of 2 covers a mixture 10x quieter than one source (destructive interference). Measured
-  on a two-talker CMU ARCTIC mix: 0.08% of ideal-mask bins exceed +-2 (0.013% of the source
-  energy); the ideal mask clipped to +-2 still decodes at ~73 dB SI-SDR, clipped to +-1 at ~28 dB.
-- Loss: the paper's, MSE between compressed clean and estimated complex spectrograms; PIT-wrapped
-  for the audio-only baseline, whose outputs are unordered. With `snr_weight` (the `tiny` preset:
-  0.1) it also rewards each estimated waveform's SNR in dB, softly capped at 30 dB (`soft_snr`,
-  after Wisdom et al. 2020), where the reference is audible. 1,750 steps of batch 8 on synthetic
-  scenes drawn as `avray train` draws them, 1 thread, one run each: 4.5 dB SI-SDRi with the MSE
-  alone; 6.0 / 6.7 / 6.8 dB at weights 0.01 / 0.03 / 0.1; 7.0 dB with the SNR alone.
-  SI-SDR instead of the SNR failed: at weight 0.03, or alone, the model did not learn (-6.3 and
-  0.0 dB), and at 0.01 it learned in five 1,750-step runs (uniform draws; 5.0-6.8 dB) but not in
-  `avray train` (-4.4 dB after 4 epochs): SI-SDR's gradient grows as 1/|estimate|, and a
-  separator's first estimates are near 0.
+Departures from the paper, on purpose (what each one measured: BENCHMARKS.md, quality notes):
+- Faces: a small CNN over each frame's face crop, trained with the rest, instead of frozen FaceNet
+  embeddings (no weight downloads). Its grid is average-pooled (`paper`) or max-pooled (`tiny`:
+  "is this object in the picture" is a max).
+- Audio width at the fusion: with `audio_proj` (`tiny`: 64) a linear layer + ReLU narrows the C·F
+  audio features before they meet the visual ones, so they do not outnumber them fourfold.
+- STFT of the `tiny` preset: a 32 ms window every 16 ms (n_fft 512, hop 256) instead of 25 ms every
+  10 ms: 0.63x the frames through the full-resolution convolutions and the BLSTM.
+- Speaker slots: the head runs once per speaker on [audio, visual_k, mean_j visual_j] and predicts
+  that speaker's mask, so output k follows faces[:, k] *by construction* (swapping faces swaps the
+  masks bitwise for K=2, to rounding for K=3); the paper predicts all K masks from one head.
+- Mask: a complex ratio mask applied to the *compressed* mixture, its real and imaginary parts
+  bounded by `mask_bound * tanh(.)` (Williamson et al. 2016). Compressed, ideal masks are tame
+  (|S_k/X|^0.3): a bound of 2 covers a mixture 10x quieter than one source.
+- Loss: the paper's MSE between compressed clean and estimated spectrograms (PIT-wrapped for the
+  audio-only baseline, whose outputs are unordered); with `snr_weight` (`tiny`: 0.1) minus the
+  weighted soft-thresholded SNR of each audible estimated waveform (`soft_snr`, Wisdom et al.
+  2020), whose gradient stays bounded where the estimate is ~0 (SI-SDR's does not).
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -115,20 +94,6 @@ class SeparationConfig:
             raise ValueError(f"snr_max_db must be > 0, got {self.snr_max_db}")
         if not 0.0 < self.power <= 1.0:
             raise ValueError(f"power must be in (0, 1], got {self.power}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict for checkpoints."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SeparationConfig:
-        """Inverse of `to_dict` (lists, e.g. from JSON, become tuples)."""
-        def tup(x: Any) -> Any:
-            return tuple(tup(v) for v in x) if isinstance(x, (list, tuple)) else x
-        d = {k: tup(v) for k, v in d.items()}
-        if isinstance(d.get("spec"), dict):
-            d["spec"] = SpectrogramConfig(**d["spec"])
-        return cls(**d)
 
 
 PRESETS: dict[str, SeparationConfig] = {
@@ -376,11 +341,6 @@ def separation_loss(out: dict[str, torch.Tensor], sources: torch.Tensor, cfg: Se
         best, _ = permutation_invariant_training(est, ref, _pair_loss, mode="speaker-wise", eval_func="min",
                                                  bins=bins, snr_weight=cfg.snr_weight, snr_max_db=cfg.snr_max_db)  # (B,)
     return best.mean()
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def preset(name: str, **overrides: Any) -> SeparationConfig:

@@ -194,6 +194,15 @@ def _resize_plan(width: int, height: int, rotation: int, cfg: DecodeConfig) -> t
     return (sh, sw, y0, x0) if transposed else (sw, sh, y0, x0)
 
 
+def frame_mapping(width: int, height: int, cfg: DecodeConfig) -> tuple[float, float, float, float]:
+    """(sx, sy, ox, oy): a point (x, y) of a displayed width x height source lands at
+    (x * sx + ox, y * sy + oy) on the decoder's size x size frames. Crop mode cuts the offset away
+    (ox, oy <= 0), letterbox pads it on (>= 0); the inverse is ((u - ox) / sx, (v - oy) / sy)."""
+    w, h, y0, x0 = _resize_plan(width, height, 0, cfg)
+    sign = -1 if cfg.resize == "crop" else 1
+    return w / width, h / height, float(sign * x0), float(sign * y0)
+
+
 class _ClipBuilder:
     """One clip being filled: T target frame times and S audio samples."""
 
@@ -241,9 +250,10 @@ def _check_pixels(width: int, height: int, cfg: DecodeConfig) -> None:
         raise MediaTooLarge(f"{width}x{height} exceeds --max-pixels {cfg.max_pixels}")
 
 
-def read_image(source: str | BinaryIO, cfg: DecodeConfig) -> np.ndarray:
+def read_image(source: str | BinaryIO, cfg: DecodeConfig) -> tuple[np.ndarray, MediaInfo]:
     """The first picture of an image (PNG, JPEG, ...) or video, resized as clips are: uint8
-    (size, size, 3). Raises `MediaError` subclasses like `MediaReader`."""
+    (size, size, 3), and what was found (no audio stream; displayed size). Raises `MediaError`
+    subclasses like `MediaReader`."""
     container = _open(source, cfg)
     with container:
         v = container.streams.best("video")
@@ -252,7 +262,10 @@ def read_image(source: str | BinaryIO, cfg: DecodeConfig) -> np.ndarray:
         _check_pixels(v.codec_context.width, v.codec_context.height, cfg)
         for frame in container.decode(v):
             rotation = _rotation(frame)
-            return _to_rgb(frame, _resize_plan(frame.width, frame.height, rotation, cfg), rotation, cfg)
+            rgb = _to_rgb(frame, _resize_plan(frame.width, frame.height, rotation, cfg), rotation, cfg)
+            info = MediaInfo(video_stream=v.index, audio_stream=-1, src_width=frame.width, src_height=frame.height,
+                             src_fps=0.0, rotation=0, declared_seconds=None)
+            return rgb, _with_rotation(info, rotation)
     raise TruncatedMedia("no picture could be decoded")
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.decode import DecodeConfig, _resize_plan
+from pipelines.decode import DecodeConfig, frame_mapping
 
 
 @dataclass(frozen=True)
@@ -36,10 +36,9 @@ class ClipTargets:
 
 def source_to_output_boxes(boxes: np.ndarray, src_w: int, src_h: int, cfg: DecodeConfig) -> np.ndarray:
     """Boxes in source pixels (..., 4) xyxy -> the same boxes on the decoder's output frames."""
-    w, h, y0, x0 = _resize_plan(src_w, src_h, 0, cfg)
-    scale = np.array([w / src_w, h / src_h, w / src_w, h / src_h], dtype=np.float32)
-    sign = -1 if cfg.resize == "crop" else 1  # crop cuts the offset away, letterbox pads it on
-    shift = sign * np.array([x0, y0, x0, y0], dtype=np.float32)
+    sx, sy, ox, oy = frame_mapping(src_w, src_h, cfg)
+    scale = np.array([sx, sy, sx, sy], dtype=np.float32)
+    shift = np.array([ox, oy, ox, oy], dtype=np.float32)
     return np.clip(boxes * scale + shift, 0, cfg.size).astype(np.float32)
 
 

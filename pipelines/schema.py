@@ -160,11 +160,6 @@ def _binary_views(col: pa.ChunkedArray) -> np.ndarray:
     return out
 
 
-def clip_rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    """Clip row dicts (tensors already encoded) -> a table with exactly `schema`."""
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
 def error_row(path: str, video_id: str, stage: str, exc: BaseException | str) -> dict[str, str]:
     """One error-table row for a file that failed at `stage`."""
     if isinstance(exc, BaseException):

@@ -30,7 +30,7 @@ def ray_local():
     """A 2-CPU local Ray for the whole session, always shut down."""
     import ray
 
-    from jobs.train import keep_idle_workers
+    from jobs.data import keep_idle_workers
 
     keep_idle_workers()  # as avray train does when it starts Ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -8,7 +8,8 @@ import torch
 from models.caption_metrics import bleu4, cider, first_object, sounding_object_accuracy
 from models.captioning import (BOS, EOS, PAD, PRESETS, SPECIALS, UNK, Captioner, CaptioningConfig, build_vocab,
                                caption_loss, decode, encode, encode_batch, preset, tokenize)
-from models.checkpoint import BUILDERS, load_checkpoint, save_checkpoint
+from jobs.tasks import get, load_checkpoint
+from models.checkpoint import save_checkpoint
 from pipelines.synth import caption
 from pipelines.synth_audio import SOUND_TABLE
 
@@ -76,15 +77,14 @@ def test_tiny_shapes_forward_backward_attention():
 
 
 def test_task_step_decodes_only_up_to_the_longest_caption_of_fixed_width_tokens():
-    """CaptioningTask.prepare pads tokens to max_len (rows of any Ray Data task stack into a
-    batch); its step trims the trailing all-<pad> columns, so the decoder runs no extra steps."""
-    from jobs.tasks import CaptioningTask
+    """The captioning task's prepare pads tokens to a fixed width (rows of any Ray Data task stack
+    into a batch); its step trims the trailing all-<pad> columns, so the decoder runs no extra steps."""
 
     torch.manual_seed(0)
     model = Captioner(preset("tiny", WORDS)).eval()  # eval: no dropout, the same loss twice
     frames, logmel, caps = _inputs()
     caps[:, -2:] = PAD  # the longest caption is L - 2 ids
-    task = CaptioningTask(WORDS, max_len=L + 5)
+    task = get("captioning")
     steps: list[int] = []
     forward = model.forward
     model.forward = lambda f, m, c: steps.append(c.shape[1]) or forward(f, m, c)
@@ -311,9 +311,8 @@ def test_trained_greedy_batch_consistency_and_beam(trained):
 
 def test_checkpoint_round_trip(trained, tmp_path):
     model, _, (frames, logmel, _) = trained
-    assert BUILDERS["captioning"] == (CaptioningConfig, Captioner)
     path = save_checkpoint(tmp_path / "cap.pt", "captioning", model, model.cfg, extra={"step": 150})
-    loaded, ckpt = load_checkpoint(path)
+    loaded, ckpt = load_checkpoint(path, task="captioning")
     assert isinstance(loaded, Captioner) and loaded.cfg == model.cfg
     assert loaded.cfg.vocab == model.cfg.vocab and isinstance(loaded.cfg.vocab, tuple)
     assert ckpt["config"]["vocab"] == model.cfg.vocab and ckpt["extra"]["step"] == 150

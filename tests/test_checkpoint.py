@@ -7,12 +7,16 @@ import torch
 from torchvision.models import resnet18
 
 import models.checkpoint as ckpt_mod
-from models.checkpoint import (BUILDERS, build_model, config_from_dict, config_to_dict, load_checkpoint,
-                               save_checkpoint)
+from models.checkpoint import config_from_dict, config_to_dict, load_checkpoint as load, save_checkpoint
 from models.encoders import AudioEncoderConfig, VisualEncoderConfig
 from models.localization import PRESETS, LocalizationConfig, SoundLocalizer
 
 B, H, W, M, N = 3, 67, 67, 64, 37
+BUILDERS = {"localization": (LocalizationConfig, SoundLocalizer)}
+
+
+def load_checkpoint(path):
+    return load(path, BUILDERS)
 
 
 @dataclass(frozen=True)
@@ -102,14 +106,12 @@ def test_pretrained_weights_path_is_not_needed_to_load(tmp_path):
         assert torch.equal(model(frames, logmel)["sim"], loaded(frames, logmel)["sim"])
 
 
-def test_unknown_model_name(tmp_path):
+def test_unknown_model_name_and_wrong_config(tmp_path):
     cfg = _small_config()
-    with pytest.raises(KeyError, match="unknown model 'nope'.*localization"):
-        save_checkpoint(tmp_path / "x.pt", "nope", SoundLocalizer(cfg), cfg)
     torch.save({"model": "nope", "config": {}, "state_dict": {}, "extra": {}}, tmp_path / "y.pt")
-    with pytest.raises(KeyError, match="unknown model 'nope'"):
+    with pytest.raises(KeyError, match=r"unknown model 'nope'; known models: \['localization'\]"):
         load_checkpoint(tmp_path / "y.pt")
-    with pytest.raises(TypeError, match="LocalizationConfig"):
+    with pytest.raises(TypeError, match="model 'localization' needs a LocalizationConfig, got VisualEncoderConfig"):
         save_checkpoint(tmp_path / "z.pt", "localization", SoundLocalizer(cfg), VisualEncoderConfig())
 
 
@@ -145,24 +147,19 @@ def test_extra_must_be_plain_and_failed_save_keeps_old_file(tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]
 
 
-def test_builders_and_build_model():
-    assert BUILDERS["localization"] == (LocalizationConfig, SoundLocalizer)
-    model = build_model("localization", config_to_dict(_small_config()))
-    assert isinstance(model, SoundLocalizer) and model.cfg == _small_config()
-
-
 @pytest.mark.parametrize("preset", ["tiny", "tiny-audio-only"])
 def test_separation_checkpoint_round_trip(tmp_path, preset):
-    from jobs.tasks import SeparationTask
-    from models.checkpoint import load_checkpoint, save_checkpoint
+    from jobs.tasks import get, load_checkpoint
     from models.separation import AVSeparator
 
-    cfg = SeparationTask.configs[preset]
+    cfg = get("separation").presets[preset]
     torch.manual_seed(0)
     model = AVSeparator(cfg).eval()
     save_checkpoint(tmp_path / "sep.pt", "separation", model, cfg, extra={"epoch": 3})
-    back, ckpt = load_checkpoint(tmp_path / "sep.pt")
+    back, ckpt = load_checkpoint(tmp_path / "sep.pt", task="separation")
     assert ckpt["model"] == "separation" and ckpt["extra"] == {"epoch": 3} and back.cfg == cfg
+    with pytest.raises(ValueError, match="holds a separation model, not captioning"):
+        load_checkpoint(tmp_path / "sep.pt", task="captioning")
     mix = torch.randn(2, 4000)
     faces = None if cfg.audio_only else torch.rand(2, cfg.num_speakers, 3, 3, 33, 33)
     with torch.no_grad():

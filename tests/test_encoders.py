@@ -1,28 +1,15 @@
 """Visual and audio encoders: shapes, gradients, batch consistency, local resnet18 weights."""
-import numpy as np
 import pytest
 import torch
 from torchvision.models import resnet18
 
-from models.encoders import (AUDIO_ARCHS, AudioEncoder, AudioEncoderConfig, VisualEncoder, VisualEncoderConfig,
-                             frames_to_tensor)
+from models.encoders import AUDIO_ARCHS, AudioEncoder, AudioEncoderConfig, VisualEncoder, VisualEncoderConfig
 
 B, H, W = 3, 67, 67
 M, N = 64, 37
 # Grid sizes for 67 x 67 frames and 64 x 37 log-mels (stride 8 tiny, 32 resnet18, 16 vggish).
 VISUAL_GRID = {"tiny": (9, 9), "resnet18": (3, 3)}
 AUDIO_GRID = {"tiny": (8, 5), "vggish": (4, 3), "resnet18": (2, 2)}
-
-
-def test_frames_to_tensor_layout_and_range():
-    frames = np.random.default_rng(0).integers(0, 256, size=(5, H, W, 3), dtype=np.uint8)
-    x = frames_to_tensor(frames)
-    assert x.shape == (5, 3, H, W) and x.dtype == torch.float32
-    assert torch.equal(x[2, 1], torch.from_numpy(frames[2, :, :, 1]).float() / 255)
-    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
-    assert frames_to_tensor(torch.from_numpy(frames[0])).shape == (3, H, W)
-    with pytest.raises(ValueError):
-        frames_to_tensor(frames.astype(np.float32))
 
 
 @pytest.mark.parametrize("arch", ["tiny", "resnet18"])

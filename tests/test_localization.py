@@ -7,11 +7,31 @@ import torch.nn.functional as F
 
 from models.encoders import AudioEncoderConfig, VisualEncoderConfig
 from models.localization import (PRESETS, LocalizationConfig, SoundLocalizer, attention_supervision_loss,
-                                 audio_window, boxes_to_mask, heatmap, infonce_loss, localization_loss,
+                                 audio_window, heatmap, infonce_loss, localization_loss,
                                  triplet_loss)
 
 B, H, W = 3, 67, 67
 M, N = 64, 37
+
+
+def boxes_to_mask(boxes: torch.Tensor, image_size: int | tuple[int, int],
+                  grid_hw: int | tuple[int, int]) -> torch.Tensor:
+    """Fraction of each grid cell covered by a box.
+
+    boxes: float (B, 4) pixel xyxy (continuous coordinates; pixel (r, c) spans [c, c+1) x [r, r+1));
+    image_size: (H, W); grid_hw: (h, w), cell (r, c) spans H / h rows and W / w columns.
+    Returns float (B, h, w) in [0, 1]. With grid_hw = image_size it is a pixel coverage mask
+    (threshold at 0.5 for a bool mask at image resolution).
+    """
+    H, W = (image_size, image_size) if isinstance(image_size, int) else image_size
+    h, w = (grid_hw, grid_hw) if isinstance(grid_hw, int) else grid_hw
+    boxes = boxes.float()
+    ys = torch.arange(h + 1, device=boxes.device, dtype=torch.float32) * (H / h)  # (h + 1,) cell edges
+    xs = torch.arange(w + 1, device=boxes.device, dtype=torch.float32) * (W / w)  # (w + 1,)
+    x0, y0, x1, y1 = (boxes[:, k, None] for k in range(4))  # each (B, 1)
+    ov_y = (torch.minimum(y1, ys[1:]) - torch.maximum(y0, ys[:-1])).clamp_min(0) / (H / h)  # (B, h)
+    ov_x = (torch.minimum(x1, xs[1:]) - torch.maximum(x0, xs[:-1])).clamp_min(0) / (W / w)  # (B, w)
+    return torch.einsum("bh,bw->bhw", ov_y, ov_x)  # (B, h, w)
 
 
 def _unit(x: torch.Tensor, dim: int) -> torch.Tensor:

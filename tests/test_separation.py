@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.separation import (
-    PRESETS, AVSeparator, SeparationConfig, compress, count_parameters, decode, decompress,
+    PRESETS, AVSeparator, SeparationConfig, compress, decode, decompress,
     mix_and_separate_batch, preset, separation_loss, soft_snr,
 )
 from models.separation_metrics import (
@@ -20,6 +20,10 @@ from pipelines.spectrogram import SpectrogramConfig, stft
 SPEECH = Path(__file__).parent / "fixtures" / "cmu_arctic_us_axb_a0005.wav"
 B, S, T, PX = 3, 8000 + 37, 5, 33
 N = S // 256 + 1  # 32 STFT frames at the tiny preset's hop
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _inputs(k: int, seed: int = 0, b: int = B) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,11 +251,13 @@ def test_mix_and_separate_batch_shapes_and_contents():
 
 
 def test_config_dict_round_trip():
+    from models.checkpoint import config_from_dict, config_to_dict
+
     cfg = preset("tiny", num_speakers=3, spec=SpectrogramConfig(n_fft=256, win_length=256, hop_length=128))
-    d = cfg.to_dict()
+    d = config_to_dict(cfg)
     assert isinstance(d["spec"], dict)
     as_json = {k: (list(map(list, v)) if k == "audio_kernels" else v) for k, v in d.items()}
-    assert SeparationConfig.from_dict(as_json) == cfg
+    assert config_from_dict(SeparationConfig, as_json) == cfg
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -107,6 +107,9 @@ def test_health_models_and_docs(server):
     sep = models["models"]["separation"]
     assert sep["config"]["num_speakers"] == 2 and sep["trained_epochs"] == 1 and sep["device"] == "cpu"
     assert sep["clip_settings"] == CLIP and sep["batching"] is True and sep["max_batch_size"] == 4
+    # speakers' boxes are cropped from the whole picture: uploads are letterboxed for separation only
+    assert sep["upload_clip_settings"] == {**CLIP, "resize": "letterbox"}
+    assert models["models"]["localization"]["upload_clip_settings"] == CLIP
     assert models["limits"] == {"max_upload_mb": MAX_UPLOAD_MB, "max_seconds": MAX_SECONDS, "max_pixels": 1920 * 1080}
     spec = requests.get(f"{server}/openapi.json", timeout=30).json()
     assert {"/v1/localize", "/v1/separate", "/v1/caption", "/healthz", "/v1/models"} <= set(spec["paths"])
@@ -312,24 +315,25 @@ def test_killed_model_replica_is_replaced(server, media):
 def test_concurrent_model_calls_share_forward_passes(server, media):
     """Requests that reach a model while its forward pass runs wait as the next batch (at most
     max_batch_size = 4 here) and get the same answers as alone."""
+    import torch
     from ray import serve
 
-    from jobs.serve import AppArgs
-    from jobs.serve_app import RUNNERS, clip_spec, prepare
+    from jobs.tasks import load_checkpoint, served_config
 
     h = serve.get_deployment_handle("Localizer", app_name="avray-test")
     # from plain (non-async) code: Serve's throughput mode would otherwise tie the handle's router
     # to the caller's event loop
     h._init(_run_router_in_separate_loop=True)
     ckpt = h.describe.remote().result()["checkpoint"]
-    runner = RUNNERS["localization"](ckpt)
-    d = prepare(media["scene"].read_bytes(), clip_spec(runner.ckpt, AppArgs(localization=ckpt)))
-    item = {k: d[k] for k in RUNNERS["localization"].inputs}
+    task, cfg, settings = served_config(ckpt)
+    model, _ = load_checkpoint(ckpt)
+    item, _ = task.from_upload(media["scene"].read_bytes(), cfg, settings, options={"overlay": None},
+                               max_pixels=1920 * 1080, max_seconds=MAX_SECONDS)
     outs = [r.result() for r in [h.remote(item) for _ in range(9)]]  # 9 in flight at once
     sizes = [o["batch"] for o in outs]
     # how many share a pass depends on arrival timing; some must, and none beyond max_batch_size (4)
     assert max(sizes) >= 2 and all(1 <= n <= 4 for n in sizes), sizes
-    alone = runner.infer([item])[0]
+    alone = task.infer(model, [item], torch.device("cpu"))[0]
     for o in outs:
         np.testing.assert_allclose(o["result"]["grid"], alone["grid"], atol=1e-5)
         np.testing.assert_array_equal(o["result"]["peak"], alone["peak"])
@@ -339,14 +343,15 @@ def test_concurrent_model_calls_share_forward_passes(server, media):
 
 
 def test_serve_config_file_is_a_valid_serve_config():
-    from jobs.serve import DEFAULT_CONFIG, AppArgs, read_config
+    from jobs.serve import DEFAULT_CONFIG, read_config
+    from jobs.serve_app import AppArgs
 
     raw = read_config(DEFAULT_CONFIG)  # validated by ray.serve.schema.ServeDeploySchema
     (app,) = raw["applications"]
     assert app["import_path"] == "jobs.serve:build_app" and raw["http_options"]["host"] == "127.0.0.1"
     assert [d["name"] for d in app["deployments"]] == ["Ingress", "Decoder", "Localizer", "Separator", "Captioner"]
     assert all("max_ongoing_requests" in d and "max_queued_requests" in d for d in app["deployments"])
-    assert set(app["args"]) <= {f for f in AppArgs.__dataclass_fields__}
+    assert AppArgs.from_dict({**app["args"], **{t: __file__ for t in ("localization", "separation", "captioning")}})
 
 
 def test_build_app_is_what_serve_run_calls(tmp_path):
@@ -362,7 +367,7 @@ def test_build_app_is_what_serve_run_calls(tmp_path):
 
 
 def test_app_args_errors(tmp_path, monkeypatch):
-    from jobs.serve import AppArgs
+    from jobs.serve_app import AppArgs
 
     monkeypatch.delenv("AVRAY_TOKEN", raising=False)
     with pytest.raises(ValueError, match="give at least one checkpoint"):
@@ -371,6 +376,8 @@ def test_app_args_errors(tmp_path, monkeypatch):
         AppArgs.from_dict({"localization": str(tmp_path / "nope.pt")})
     with pytest.raises(ValueError, match=r"unknown serve args \['colour'\]"):
         AppArgs.from_dict({"colour": "red"})
+    with pytest.raises(ValueError, match="unknown task 'retrieval'"):
+        AppArgs(checkpoints={"retrieval": str(tmp_path / "m.pt")})
     (tmp_path / "m.pt").write_bytes(b"x")
     monkeypatch.setenv("AVRAY_TOKEN", "from-env")
     assert AppArgs.from_dict({"localization": str(tmp_path / "m.pt")}).token == "from-env"
@@ -425,39 +432,45 @@ def test_cli_serve_runs_until_ctrl_c(tmp_path, sigint):
 # -- the plain pieces ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("task", ["localization", "separation", "captioning"])
-def test_runner_batches_and_chunks_like_single_requests(task, tmp_path, media):
+@pytest.mark.parametrize("name", ["localization", "separation", "captioning"])
+def test_infer_batches_and_chunks_like_single_requests(name, tmp_path, media, monkeypatch):
     """Requests batched together, and a batch run in chunks of a few rows, give each request
     what it gets alone."""
-    from jobs.serve import AppArgs
-    from jobs.serve_app import RUNNERS, clip_spec, prepare
+    import torch
 
-    path = tiny_checkpoints(tmp_path, CLIP, ["a red circle on the left hums"])[task]
-    runner = RUNNERS[task](path)
-    spec = clip_spec(runner.ckpt, AppArgs(**{task: path}))
-    items = [prepare(Path(media["scene"]).read_bytes(), spec),
-             prepare((FIXTURES / "grid_brbk7n.mpg").read_bytes(), spec,
-                     boxes="[[0, 0, 100, 288], [100, 0, 360, 288]]")]
-    alone = [runner.infer([it])[0] for it in items]
-    runner.max_rows = 3
-    together = runner.infer(items)
+    from jobs.tasks import load_checkpoint, served_config
+
+    path = tiny_checkpoints(tmp_path, CLIP, ["a red circle on the left hums"])[name]
+    task, cfg, settings = served_config(path)
+    model, _ = load_checkpoint(path)
+    cpu = torch.device("cpu")
+
+    def item(p: Path, **options):
+        defaults = {o.name: o.default for o in task.route.options}
+        return task.from_upload(p.read_bytes(), cfg, settings, options={**defaults, **options},
+                                max_pixels=1920 * 1080, max_seconds=MAX_SECONDS)[0]
+
+    items = [item(media["scene"]), item(FIXTURES / "grid_brbk7n.mpg", boxes="[[0, 0, 100, 288], [100, 0, 360, 288]]")]
+    alone = [task.infer(model, [it], cpu)[0] for it in items]
+    monkeypatch.setattr(task, "max_rows", 3)
+    together = task.infer(model, items, cpu)
     for a, b in zip(alone, together):
-        if task == "localization":
+        if name == "localization":
             assert a["grid"].shape == b["grid"].shape == (len(a["peak"]), 8, 8)
             np.testing.assert_allclose(a["grid"], b["grid"], atol=1e-5)
             # peaks: argmax of an untrained (flat) map, whose near-ties may move with the batch size
             assert b["peak"].shape == (len(b["grid"]), 2) and ((b["peak"] >= 0) & (b["peak"] < 64)).all()
-        elif task == "separation":
+        elif name == "separation":
             assert a.shape == b.shape and a.shape[0] == 2
             np.testing.assert_allclose(a, b, atol=1e-5)
         else:
             assert a == b
-    if task == "captioning":
+    if name == "captioning":
         assert [len(a) for a in alone] == [2, 1]  # captions per clip: the 4 s scene, the 2.98 s GRID video
 
 
 def test_wav_bytes_round_trip():
-    from jobs.serve_app import wav_bytes
+    from jobs.tasks.separation import wav_bytes
 
     x = np.array([0.0, 0.5, -0.5, 1.5, -2.0], np.float32)
     with wave.open(io.BytesIO(wav_bytes(x, 8000))) as w:

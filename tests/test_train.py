@@ -5,6 +5,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,8 @@ from jobs.preprocess import PreprocessConfig
 from jobs.preprocess import run as preprocess
 from jobs.evaluate import EvaluateConfig
 from jobs.evaluate import run as evaluate
-from jobs.train import TrainConfig, is_validation, keep_idle_workers, run, validation_videos
-from models.checkpoint import load_checkpoint
+from jobs.train import TrainConfig, run
+from jobs.tasks import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -55,36 +56,6 @@ def _evaluate(task: str, run_dir: Path, clips: Path, out: Path) -> dict:
     assert report["task"] == task and report["split"] == "val" and report["clips"] >= 2
     assert (out / f"{task}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return report["metrics"]
-
-
-def test_keep_idle_workers_allows_twice_the_cpus_unless_set(monkeypatch):
-    """avray train's training and validation pipelines leave up to ~2 x CPUs read workers idle at an
-    epoch's end; Ray would kill those above the CPU count (measured: 33 instead of 110 clips/s on a
-    16-CPU GPU node). A limit the user set is kept."""
-    monkeypatch.delenv("RAY_num_workers_soft_limit", raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    keep_idle_workers()
-    assert os.environ["RAY_num_workers_soft_limit"] == "32"
-    monkeypatch.delenv("RAY_num_workers_soft_limit")
-    monkeypatch.setattr(os, "cpu_count", lambda: 1)
-    keep_idle_workers()
-    assert os.environ["RAY_num_workers_soft_limit"] == "4"
-    monkeypatch.setenv("RAY_num_workers_soft_limit", "7")
-    keep_idle_workers()
-    assert os.environ["RAY_num_workers_soft_limit"] == "7"
-
-
-def test_split_by_video_is_deterministic():
-    import pyarrow as pa
-    ids = [f"{-(-i * 2**32 // 1000):08x}00000000" for i in range(1000)]  # fractions >= i / 1000
-    val = [v for v in ids if is_validation(v, 0.1)]
-    assert val == ids[:100]
-    assert validation_videos(pa.array(ids * 3), 0.1).to_pylist() == ids[:100]  # clips of a video: once
-    # a small dataset whose hashes all miss the fraction still holds one video out, and never all
-    assert validation_videos(pa.array(["f0000000aa", "e0000000bb"]), 0.1).to_pylist() == ["e0000000bb"]
-    assert validation_videos(pa.array(["00000000aa", "00000001bb"]), 0.9).to_pylist() == ["00000000aa"]
-    with pytest.raises(ValueError, match="at least 2 videos"):
-        validation_videos(pa.array(["00000000aa"]), 0.5)
 
 
 def test_train_localization_checkpoints_and_resume(clips, tmp_path):
@@ -185,125 +156,6 @@ def test_train_captioning_builds_vocab_from_clip_captions(clips, tmp_path):
     assert {"bleu4_audio", "cider_no_audio", "sounding_object_acc_audio"} <= set(metrics)
 
 
-def test_split_reads_only_each_splits_files_when_files_hold_one_video(ray_local, tmp_path):
-    import pyarrow as pa
-    import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
-
-    from jobs.train import _split, clip_dataset
-
-    one, mixed = tmp_path / "one", tmp_path / "mixed"
-    one.mkdir()
-    mixed.mkdir()
-    for v, n in (("aa", 3), ("bb", 2), ("cc", 4)):
-        pq.write_table(pa.table({"video_id": [v] * n, "x": list(range(n))}), one / f"{v}.parquet")
-    pq.write_table(pa.table({"video_id": ["aa", "aa", "bb"], "x": [0, 1, 2]}), mixed / "p0.parquet")
-    pq.write_table(pa.table({"video_id": ["cc"] * 4, "x": [0, 1, 2, 3]}), mixed / "p1.parquet")
-    val = pa.array(["bb"])
-    for folder in (one, mixed):
-        ids = pads.dataset(str(folder), format="parquet").to_table(columns=["video_id", "__filename"])
-        train, valid = _split(ids, val)
-        assert (train.rows, valid.rows) == ((7, 2) if folder == one else (6, 1))
-        assert (train.val_ids is None) == (folder == one)  # rows are filtered only where files mix both sides
-        for rows_per_task in (1, 3, 100):  # each Ray Data task reads a group of files of about that many rows
-            ds = clip_dataset(train, ["video_id", "x"], rows_per_task=rows_per_task)
-            assert sorted((r["video_id"], r["x"]) for r in ds.take_all()) == (
-                [("aa", i) for i in range(3 if folder == one else 2)] + [("cc", i) for i in range(4)])
-        assert [(r["video_id"], r["x"]) for r in clip_dataset(valid, ["video_id", "x"]).take_all()] == (
-            [("bb", 0), ("bb", 1)] if folder == one else [("bb", 2)])
-    # one video per file: validation never opens a training file (they are junk now and it still reads)
-    ids = pads.dataset(str(one), format="parquet").to_table(columns=["video_id", "__filename"])
-    train, valid = _split(ids, val)
-    assert [Path(f).name for f in train.files] == ["aa.parquet", "cc.parquet"] and train.file_rows == (3, 4)
-    for v in ("aa", "cc"):
-        (one / f"{v}.parquet").write_bytes(b"not parquet")
-    assert [r["x"] for r in clip_dataset(valid, ["video_id", "x"]).take_all()] == [0, 1]
-
-
-def test_shuffle_redraws_batches_every_epoch(ray_local, tmp_path):
-    """--shuffle: every training batch is drawn from a buffer of SHUFFLE_BATCHES batches' rows, a
-    new draw each epoch; without it, file order and the same batches every epoch."""
-    import pyarrow as pa
-    import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
-    import ray.data
-
-    from jobs.train import SHUFFLE_BATCHES, _split, clip_dataset, torch_batches
-
-    for i in range(24):
-        pq.write_table(pa.table({"video_id": [f"v{i:02d}"], "x": [i]}), tmp_path / f"v{i:02d}.parquet")
-    ids = pads.dataset(str(tmp_path), format="parquet").to_table(columns=["video_id", "__filename"])
-    train, _ = _split(ids, pa.array(["none"]))
-    ctx = ray.data.DataContext.get_current()
-    before = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True  # completion order would reorder unshuffled rows too
-    try:
-        numbers = clip_dataset(train, ["x"], rows_per_task=1)  # after the setting: a dataset keeps its context
-        def epoch(shuffle: bool) -> list[list[int]]:
-            return [b["x"].tolist() for b in torch_batches(numbers, 4, train=True, shuffle=shuffle)]
-
-        assert epoch(False) == [list(range(i, i + 4)) for i in range(0, 24, 4)]
-        first, second = epoch(True), epoch(True)
-        assert SHUFFLE_BATCHES * 4 > 24  # the buffer holds every row here: any row can join any batch
-        for batches in (first, second):
-            assert [len(b) for b in batches] == [4] * 6 and sorted(sum(batches, [])) == list(range(24))
-        assert first != second and first != epoch(False)
-    finally:
-        ctx.execution_options.preserve_order = before
-
-
-def test_shuffled_batches_draw_from_a_bounded_buffer():
-    """shuffled_batches: batches of batch_size rows, each row at most once, the partial rest
-    dropped; the first batch only from the first buffer_rows rows; rows stay whole (every column
-    from the same row); the generator decides the draw."""
-    import torch
-
-    from jobs.train import shuffled_batches
-
-    incoming = [{"x": torch.arange(i, min(i + 5, 23)), "y": torch.arange(i, min(i + 5, 23))[:, None] * 10.0}
-                for i in range(0, 23, 5)]  # 23 rows in batches of 5, 5, 5, 5, 3
-
-    def draw(seed: int) -> list[list[int]]:
-        out = list(shuffled_batches(incoming, 4, 10, torch.Generator().manual_seed(seed)))
-        assert all(torch.equal(b["y"][:, 0], b["x"] * 10.0) for b in out)
-        return [b["x"].tolist() for b in out]
-
-    first = draw(0)
-    assert [len(b) for b in first] == [4] * 5
-    assert len(set(sum(first, []))) == 20 and set(sum(first, [])) <= set(range(23))
-    assert max(first[0]) < 10  # the buffer held rows 0-9 when the first batch was drawn
-    assert draw(0) == first and draw(1) != first
-    assert first != [list(range(i, i + 4)) for i in range(0, 20, 4)]
-
-
-def test_read_ahead_fetches_the_first_item_before_it_is_asked_for():
-    """read_ahead: the first item is fetched in the background as soon as it is called; the
-    items come in order; an empty iterable gives none; an error fetching the first item is
-    raised by the first next(), in the caller's thread."""
-    import threading
-
-    from jobs.train import read_ahead
-
-    asked = threading.Event()
-
-    def items():
-        asked.set()
-        yield from (1, 2, 3)
-
-    it = read_ahead(items())
-    assert asked.wait(timeout=10)  # before any next()
-    assert list(it) == [1, 2, 3]
-    assert list(read_ahead(iter(()))) == []
-
-    def broken():
-        raise ValueError("no shard")
-        yield
-
-    it = read_ahead(broken())
-    with pytest.raises(ValueError, match="^no shard$"):
-        next(it)
-
-
 @pytest.mark.parametrize("name", ["localization", "separation", "captioning"])
 def test_ray_data_prepares_the_batches_collate_gives(clips, name):
     """avray train runs task.prepare in Ray Data tasks (clip_dataset) and the worker only makes
@@ -314,19 +166,25 @@ def test_ray_data_prepares_the_batches_collate_gives(clips, name):
     import pyarrow.parquet as pq
     import torch
 
-    from jobs.tasks import TASKS, CaptioningTask, to_model
-    from jobs.train import Split, clip_dataset
+    from functools import partial
+
+    from jobs.data import Split, clip_dataset
+    from jobs.tasks import get
+    from jobs.tasks.base import to_model
     from pipelines.schema import decode_clip_batch
 
-    task = TASKS[name] if name != "captioning" else CaptioningTask(("<pad>", "<bos>", "<eos>", "<unk>", "a", "red"))
+    task = get(name)
+    cfg = task.presets["tiny"]
+    if name == "captioning":
+        cfg = replace(cfg, vocab=("<pad>", "<bos>", "<eos>", "<unk>", "a", "red"))
     files = tuple(sorted(str(p) for p in clips.glob("*.parquet"))[:2])
     cols = [c for c in task.columns if c in pq.read_schema(files[0]).names]
     table = pa.concat_tables([pq.read_table(f, columns=cols) for f in files])
     rows = table.num_rows
     split = Split(files, tuple(pq.read_metadata(f).num_rows for f in files), rows)
-    (from_ray,) = list(clip_dataset(split, cols, task.prepare, rows).iter_torch_batches(batch_size=rows))
+    (from_ray,) = list(clip_dataset(split, cols, partial(task.prepare, cfg=cfg), rows).iter_torch_batches(batch_size=rows))
     numpy_batch = {c: table.column(c).combine_chunks().to_numpy(zero_copy_only=False) for c in cols}
-    mine = task.collate(numpy_batch)
+    mine = task.collate(numpy_batch, cfg)
     got = to_model(from_ray)
     assert list(got) == list(mine)
     for k in mine:
@@ -337,16 +195,18 @@ def test_ray_data_prepares_the_batches_collate_gives(clips, name):
     if name == "localization":
         assert from_ray["frame"].dtype == torch.uint8 and tuple(from_ray["frame"].shape) == (B, 3, 64, 64)
         assert torch.equal(mine["frame"], as_float[:, T // 2])
+        # the 0.5 s of log-mel around the middle frame (tiny preset), cut in the Ray Data task
+        assert tuple(from_ray["logmel"].shape) == (B, 64, 50)
     elif name == "separation":
         assert from_ray["faces"].dtype == torch.uint8 and tuple(from_ray["faces"].shape) == (B, T, 3, 48, 48)
         area = torch.nn.functional.interpolate(as_float.flatten(0, 1), size=(48, 48), mode="area")
         assert (mine["faces"].flatten(0, 1) - area).abs().max() <= 0.5 / 255 + 1e-6  # rounded to uint8
     else:
         assert from_ray["frames"].dtype == torch.uint8 and torch.equal(mine["frames"], as_float)
-        from jobs.tasks import clip_captions
+        from jobs.tasks.captioning import clip_captions
         from models.captioning import tokenize
 
-        # <bos> words <eos> padded to max_len (24) ids whatever the captions, so that rows prepared
+        # <bos> words <eos> padded to 24 ids whatever the captions, so that rows prepared
         # by different Ray Data tasks (different captions) stack into one batch
         assert from_ray["tokens"].dtype == torch.int64 and tuple(from_ray["tokens"].shape) == (B, 24)
         lengths = [min(24, len(tokenize(c)) + 2) for c in clip_captions(numpy_batch)]
