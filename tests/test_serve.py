@@ -63,6 +63,7 @@ def server(ray_local, tmp_path_factory):
     from ray import serve
 
     from jobs.serve import application
+    from jobs.tasks import TASKS, get
 
     ckpts = tiny_checkpoints(tmp_path_factory.mktemp("serve-ckpt"), CLIP,
                              ["a red circle on the left hums", "a blue square clicks"])
@@ -73,7 +74,7 @@ def server(ray_local, tmp_path_factory):
     deployments = [{"name": "Ingress", "max_ongoing_requests": 2, "max_queued_requests": 2, **small},
                    {"name": "Decoder", "max_ongoing_requests": 4, "max_queued_requests": 32, **small},
                    *({"name": n, "max_ongoing_requests": 8, "max_queued_requests": 32, **small}
-                     for n in ("Localizer", "Separator", "Captioner"))]
+                     for n in (get(t).deployment for t in TASKS))]
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
     try:
         serve.run(application(args, deployments), name="avray-test", route_prefix="/")
@@ -100,10 +101,11 @@ def replica_pids(name: str) -> set[int]:
 
 
 def test_health_models_and_docs(server):
-    assert requests.get(f"{server}/healthz", timeout=30).json() == {
-        "status": "ok", "models": ["captioning", "localization", "separation"]}
+    from jobs.tasks import TASKS, get
+
+    assert requests.get(f"{server}/healthz", timeout=30).json() == {"status": "ok", "models": sorted(TASKS)}
     models = requests.get(f"{server}/v1/models", headers=AUTH, timeout=30).json()
-    assert sorted(models["models"]) == ["captioning", "localization", "separation"]
+    assert sorted(models["models"]) == sorted(TASKS)
     sep = models["models"]["separation"]
     assert sep["config"]["num_speakers"] == 2 and sep["trained_epochs"] == 1 and sep["device"] == "cpu"
     assert sep["clip_settings"] == CLIP and sep["batching"] is True and sep["max_batch_size"] == 4
@@ -113,6 +115,9 @@ def test_health_models_and_docs(server):
     assert models["limits"] == {"max_upload_mb": MAX_UPLOAD_MB, "max_seconds": MAX_SECONDS, "max_pixels": 1920 * 1080}
     spec = requests.get(f"{server}/openapi.json", timeout=30).json()
     assert {"/v1/localize", "/v1/separate", "/v1/caption", "/healthz", "/v1/models"} <= set(spec["paths"])
+    assert {get(t).route.path for t in TASKS} <= set(spec["paths"])
+    # each route's options are documented and validated parameters
+    assert {p["name"] for p in spec["paths"]["/v1/caption"]["post"]["parameters"]} == {"beam_size"}
     assert requests.get(f"{server}/docs", timeout=30).status_code == 200
 
 

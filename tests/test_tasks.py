@@ -5,6 +5,7 @@ checkpoint's own clip settings (letterbox included) and localization peaks map b
 pixels through that resize."""
 import io
 import json
+import re
 import wave
 import zipfile
 from dataclasses import replace
@@ -58,14 +59,15 @@ def scenes(tmp_path_factory) -> dict:
 
 
 def test_the_table_lists_every_task_once_and_each_module_is_complete():
-    assert list(TASKS) == ["localization", "separation", "captioning"]
+    assert {"localization", "separation", "captioning"} <= set(TASKS)
+    assert all(module == f"jobs.tasks.{name}" for name, module in TASKS.items())
     tasks = [get(n) for n in TASKS]
     assert [t.name for t in tasks] == list(TASKS) and all(isinstance(t, Task) for t in tasks)
     assert len({t.route.path for t in tasks}) == len({t.deployment for t in tasks}) == len(tasks)
     assert builders() == {t.name: (t.config, t.model) for t in tasks}
     assert all("tiny" in t.presets and "paper" in t.presets for t in tasks)
-    with pytest.raises(KeyError, match=r"unknown task 'retrieval'; known tasks: \['captioning', 'localization', 'separation'\]"):
-        get("retrieval")
+    with pytest.raises(KeyError, match=re.escape(f"unknown task 'nope'; known tasks: {sorted(TASKS)}")):
+        get("nope")
 
 
 @pytest.mark.parametrize("name", list(TASKS))
@@ -126,7 +128,8 @@ def test_served_inputs_are_the_training_inputs_bit_for_bit(scenes):
     """For the same video, what each task's request hands its model (item) is what `prepare` gives
     training from the Parquet clips of that video, array for array."""
     rows = scenes["rows"]
-    first = {k: v[:2] for k, v in rows.items()}  # the two clips of the scene uploaded below
+    mine = rows["source_path"] == str(scenes["video"].resolve())
+    first = {k: v[mine] for k, v in rows.items()}  # the two clips of the scene uploaded below
     data = scenes["video"].read_bytes()
     assert len(set(first["video_id"])) == 1 and list(first["clip_index"]) == [0, 1]
     T = 5
@@ -219,3 +222,18 @@ def test_answers_are_what_the_routes_promise(scenes):
         "caption": "a red circle hums", "audio_used": False, "beam_size": 2,
         "clips": [{"start_s": 0.0, "end_s": 1.0, "caption": "a red circle hums"},
                   {"start_s": 1.0, "end_s": 2.0, "caption": "a blue square clicks"}]}
+
+
+def test_checkpoints_without_clip_settings_are_not_served_and_clips_without_them_not_trained(tmp_path):
+    from jobs.train import TrainConfig, run
+
+    loc = get("localization")
+    cfg = loc.presets["tiny"]
+    path = save_checkpoint(tmp_path / "bare.pt", "localization", loc.model(cfg), cfg, extra={"epoch": 0})
+    with pytest.raises(ValueError, match="carries no clip settings"):
+        served_config(path)
+    with pytest.raises(ValueError, match="holds a localization model, not captioning"):
+        served_config(path, task="captioning")
+    (tmp_path / "data" / "clips").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="_config.json: avray train needs the clip settings"):
+        run(TrainConfig(task="localization", data=str(tmp_path / "data" / "clips"), out=str(tmp_path / "run")))

@@ -175,6 +175,15 @@ class Task(abc.ABC):
         """The HTTP answer to one request."""
 
 
+def save_figure(fig: Any, path: str) -> None:
+    """Write a matplotlib figure as the tasks' PNGs are written (tight layout, 80 dpi) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def channels_first(frames: np.ndarray) -> np.ndarray:
     """uint8 (..., H, W, 3) -> uint8 (..., 3, H, W), contiguous."""
     return np.ascontiguousarray(np.moveaxis(frames, -1, -3))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.tasks.base import Answer, Option, Route, Task, channels_first, chunked, to_model
+from jobs.tasks.base import Answer, Option, Route, Task, channels_first, chunked, save_figure, to_model
 from models.captioning import (PAD, PRESETS, Captioner, CaptioningConfig, build_vocab, caption_loss, decode,
                                encode_batch)
 from models.caption_metrics import bleu4, cider, sounding_object_accuracy
@@ -114,9 +114,7 @@ class Captioning(Task):
             ax.set_title(f"reference: {decode(batch['tokens'][i], cfg.vocab)}\nwith audio: {with_audio[i]}\n"
                          f"without audio: {without[i]}", fontsize=7, loc="left")
             ax.axis("off")
-        fig.tight_layout()
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
+        save_figure(fig, path)
 
     # -- serving ----------------------------------------------------------------------------
 

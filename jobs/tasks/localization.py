@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.tasks.base import Answer, Option, Route, Task, channels_first, chunked, joined, to_model
+from jobs.tasks.base import Answer, Option, Route, Task, channels_first, chunked, joined, save_figure, to_model
 from models.localization import (PRESETS, LocalizationConfig, SoundLocalizer, audio_window, heatmap,
                                  localization_loss)
 from models.metrics import auc_success, ciou, ciou_at
@@ -131,9 +131,7 @@ class Localization(Task):
                     ax.contour(box[i].float().cpu().numpy(), levels=[0.5], colors="white", linewidths=1)
                 ax.set_title(name, fontsize=9)
                 ax.axis("off")
-        fig.tight_layout()
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
+        save_figure(fig, path)
 
     # -- serving ----------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.tasks.base import Answer, Option, RequestError, Route, Task, channels_first, chunked, joined, to_model
+from jobs.tasks.base import Answer, Option, RequestError, Route, Task, channels_first, chunked, joined, save_figure, to_model
 from models.separation import PRESETS, AVSeparator, SeparationConfig, mix_and_separate_batch, separation_loss
 from models.separation_metrics import audible, sdr_improvement, si_sdr_improvement
 from pipelines.clipsettings import ClipSettings
@@ -124,9 +124,7 @@ class Separation(Task):
                 ax.imshow(db.numpy(), origin="lower", aspect="auto", cmap="magma", vmin=-100, vmax=0)
                 ax.set_title(name, fontsize=9)
                 ax.axis("off")
-        fig.tight_layout()
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
+        save_figure(fig, path)
 
     # -- serving ----------------------------------------------------------------------------
 
