@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from models.caption_metrics import bleu4, cider, first_object, sounding_object_accuracy
-from models.captioning import (BOS, EOS, PAD, PRESETS, SPECIALS, UNK, Captioner, CaptioningConfig, build_vocab,
-                               caption_loss, decode, encode, encode_batch, preset, tokenize)
+from models.captioning import PRESETS, Captioner, CaptioningConfig, caption_loss, preset
+from models.text import BOS, EOS, PAD, SPECIALS, UNK, build_vocab, decode, encode, encode_batch, tokenize
 from jobs.tasks import get, load_checkpoint
 from models.checkpoint import save_checkpoint
 from pipelines.synth import caption
