@@ -22,7 +22,7 @@ epochs in the time budget outweighed the lost frames (BENCHMARKS.md, quality not
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -87,13 +87,6 @@ PRESETS: dict[str, CaptioningConfig] = {
         max_frames=32, dropout=0.5, doubly_stochastic=1.0, audio_dropout=0.2, image_size=224),
 }
 """Presets with the special tokens as their only words: training fits the vocabulary (`build_vocab`)."""
-
-
-def preset(name: str, vocab: tuple[str, ...]) -> CaptioningConfig:
-    """The named preset ("tiny" | "paper") with `vocab` (e.g. from `build_vocab`)."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown captioning preset {name!r}; expected one of {sorted(PRESETS)}")
-    return replace(PRESETS[name], vocab=tuple(vocab))
 
 
 @dataclass
