@@ -16,6 +16,8 @@ One run (or `--only TASK`) does, under --workdir (default bench-out/quality/):
    - separation: SI-SDRi >= 6 dB; AV >= audio-only + 1 dB; wrong visual stream >= 3 dB worse than AV;
    - captioning: CIDEr >= 1.0; sounding object named first correctly in >= 80 % of the captions,
      and fewer without audio;
+   - retrieval: audio->video R@1 >= 0.5; text->video R@10 >= 0.5 and >= 10x chance; audio of
+     shuffled clips at chance (R@1 within 2x of 1/N);
    - speech (no bar, a report): audio-only separation trained on mixtures of real recordings and
      scored on 2-speaker mixtures of speakers never seen in training (`SPEECH_TRAIN` / `SPEECH_TEST`).
 
@@ -42,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import write_section  # noqa: E402
 
 AVRAY = str(Path(sys.executable).parent / "avray")
-TASKS = ("localization", "separation", "captioning", "speech")
+TASKS = ("localization", "separation", "captioning", "retrieval", "speech")
 BUDGET_S = 15 * 60  # the issue's training budget per model on this machine
 
 # Real speech (../shared/media/speech, see its README, plus Debian's asterisk prompts when
@@ -300,6 +302,23 @@ def run_captioning(work: Path, args, train_clips: Path, held: Path) -> dict:
     return {"train": t, "eval": e, "bars": bars, "data_commands": [c_train, c_held]}
 
 
+def run_retrieval(work: Path, args, train_clips: Path, held: Path) -> dict:
+    train_clips, c_train = resized_data(work, "train", args.ret_size, args.fps)
+    held, c_held = resized_data(work, "heldout", args.ret_size, args.fps)
+    t = train(work, "retrieval", "retrieval", args.ret_preset, train_clips, args.ret_epochs, args.ret_batch_size,
+              args.ret_lr, args.val_fraction, torch_threads=args.torch_threads)
+    e = evaluate(work, "retrieval", "retrieval", t["checkpoint"], held)
+    m = e["metrics"]
+    n = m["clips"]
+    av, tv, shuffled = m["audio_to_video_r1"], m["text_to_video_r10"], m["shuffled_audio_to_video_r1"]
+    bars = [bar("audio -> video R@1", av, ">= 0.5", av >= 0.5),
+            bar("text -> video R@10", tv, f">= 0.5 and >= 10x chance ({10 * m['chance_r10']:.2f})",
+                tv >= 0.5 and tv >= 10 * m["chance_r10"]),
+            bar("audio of shuffled clips -> video R@1", shuffled, f"<= 2 / N = {2 / n:.4f}", shuffled <= 2 / n),
+            bar("training wall minutes", t["wall_s"] / 60, "<= 15", t["wall_s"] <= BUDGET_S)]
+    return {"train": t, "eval": e, "bars": bars, "data_commands": [c_train, c_held]}
+
+
 def speaker_pair_eval(checkpoint: Path, clips: Path) -> dict:
     """Audio-only SI-SDRi (PIT) over every 2-speaker mixture of test clips of DIFFERENT speakers
     (clip a + clip b at their own levels, both RMS-normalised recordings, so ~0 dB). No SDRi: the
@@ -445,6 +464,29 @@ def report(work: Path, results: dict[str, dict], meta: dict) -> str:
                   f"{m['sounding_object_acc_audio']:.1%}; without audio: BLEU-4 {m['bleu4_no_audio']:.3f}, CIDEr "
                   f"{m['cider_no_audio']:.3f}, sounding object {m['sounding_object_acc_no_audio']:.1%}",
                   ""]
+    if "retrieval" in results:
+        r = results["retrieval"]
+        m = r["eval"]["metrics"]
+        lines += ["### Retrieval (joint video / audio / text embedding, symmetric InfoNCE)", "",
+                  *_bars_table(r), "",
+                  f"- Frames at {args_cap_size(r)} px: `{r['data_commands'][0]}` and `{r['data_commands'][1]}`.",
+                  f"- {_train_line(r['train'])}",
+                  f"- `{r['eval']['command']}`: {int(m['clips'])} held-out clips, each query's own clip the one "
+                  f"correct answer (chance R@1 {m['chance_r1']:.4f}, R@10 {m['chance_r10']:.3f}); learned "
+                  f"temperature {m['temperature']:.3f}",
+                  "",
+                  "| direction | R@1 | R@5 | R@10 | median rank | R@1, identical captions count | R@10, identical "
+                  "captions count |", "|---|---|---|---|---|---|---|"]
+        for q, g in (("text", "video"), ("video", "text"), ("text", "audio"), ("audio", "text"),
+                     ("audio", "video"), ("video", "audio"), ("text", "fused"), ("shuffled_audio", "video")):
+            k = f"{q}_to_{g}"
+            same = (f"{m[k + '_same_caption_r1']:.3f} | {m[k + '_same_caption_r10']:.3f}"
+                    if k + "_same_caption_r1" in m else "– | –")
+            lines.append(f"| {k.replace('_to_', ' → ').replace('_', ' ')} | {m[k + '_r1']:.3f} | {m[k + '_r5']:.3f} | "
+                         f"{m[k + '_r10']:.3f} | {m[k + '_median_rank']:g} | {same} |")
+        lines += ["", "`fused` is the clip embedding avray embed stores as `emb` (L2 of video + audio); text → video "
+                  "and text → audio are its video-only and audio-only ablations. The shuffled row asks each clip "
+                  "with the audio of the clip half the held-out set away (no clip keeps its own).", ""]
     if "speech" in results:
         r = results["speech"]
         p = r["speaker_pairs"]
@@ -497,6 +539,12 @@ def main() -> None:
                     help="default 1: the tiny captioner's small LSTM steps run no faster on 2 threads "
                          "(63 vs 71 clips/s measured)")
     ap.add_argument("--cap-size", type=int, default=64, help="frame side for captioning (the tiny preset's 64 px)")
+    ap.add_argument("--ret-preset", default="tiny")
+    ap.add_argument("--ret-epochs", type=int, default=8)
+    ap.add_argument("--ret-lr", type=float, default=1e-3)
+    ap.add_argument("--ret-batch-size", type=int, default=64,
+                    help="default 64: InfoNCE's negatives are the batch's other clips")
+    ap.add_argument("--ret-size", type=int, default=64, help="frame side for retrieval (the tiny preset's 64 px)")
     ap.add_argument("--speech-epochs", type=int, default=5)
     ap.add_argument("--torch-threads", type=int, default=2,
                     help="avray train --torch-threads (default 2: this machine's cores; Ray Data prepares "
@@ -521,7 +569,8 @@ def main() -> None:
                     REUSE[Path(rec["checkpoint"]).parent.name] = rec
     train_clips, c_train = synth_data(work, "train", args.train_videos, args.train_seed, args)
     held, c_held = synth_data(work, "heldout", args.heldout_videos, args.heldout_seed, args)
-    runners = {"localization": run_localization, "separation": run_separation, "captioning": run_captioning}
+    runners = {"localization": run_localization, "separation": run_separation, "captioning": run_captioning,
+               "retrieval": run_retrieval}
     for name in todo:
         print(f"== {name}", flush=True)
         res = run_speech(work, args) if name == "speech" else runners[name](work, args, train_clips, held)

@@ -27,6 +27,10 @@ COMMANDS: dict[str, str] = {
     "preprocess": "jobs.preprocess",
     "train": "jobs.train",
     "evaluate": "jobs.evaluate",
+    "embed": "jobs.embed",
+    "search": "jobs.search",
+    "index": "jobs.index",
+    "dedup": "jobs.dedup",
     "serve": "jobs.serve",
 }
 

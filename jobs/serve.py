@@ -1,9 +1,11 @@
-"""Serve localization, separation and captioning over HTTP on Ray Serve (blocks; Ctrl-C stops).
+"""Serve the trained models over HTTP on Ray Serve (blocks; Ctrl-C stops).
 
 Routes (FastAPI; OpenAPI at /docs): POST /v1/localize (video -> heatmap per sampled frame and
 its peak; ?overlay=png for an animated PNG), POST /v1/separate (video + optional speaker boxes
 -> one WAV per speaker: a zip, or ?format=json with base64 WAVs), POST /v1/caption (video or
-image -> caption; ?beam_size=N), GET /healthz, GET /v1/models. Each task's route is served only
+image -> caption; ?beam_size=N), POST /v1/embed (text or media -> vectors in the joint space),
+POST /v1/search (text or media -> the closest clips of --embeddings), GET /healthz, GET
+/v1/models. Each task's route is served only
 when its checkpoint (from avray train) is given; uploads are decoded with the clip settings of
 the checkpoint's training data. A decode deployment (CPU, the ingest decoder) feeds one
 deployment per model (GPU when the cluster has one) with @serve.batch on model calls.
@@ -48,6 +50,8 @@ def serve_env() -> None:
 ServeConfig = dataclasses.make_dataclass("ServeConfig", [
     *((t, str | None, field(default=None, metadata={"help": f"{t} checkpoint (avray train's model.pt): serves its route"}))
       for t in TASKS),
+    ("embeddings", str | None, field(default=None, metadata={
+        "help": "an avray embed folder to search (POST /v1/search; needs the --retrieval checkpoint that made it)"})),
     ("config", str, field(default=DEFAULT_CONFIG, metadata={"help": "Serve config file: deployment settings and default args"})),
     ("host", str, field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0 exposes the service)"})),
     ("port", int, field(default=8000, metadata={"help": "HTTP port"})),
@@ -106,7 +110,7 @@ def run(cfg: ServeConfig) -> int:
     args = dict(app_cfg.get("args") or {})
     if any(getattr(cfg, t) for t in TASKS):  # checkpoints on the command line replace the file's
         args.update({t: getattr(cfg, t) for t in TASKS})
-    overrides = {k: getattr(cfg, k) for k in ("token", "max_upload_mb", "max_seconds", "batching")}
+    overrides = {k: getattr(cfg, k) for k in ("embeddings", "token", "max_upload_mb", "max_seconds", "batching")}
     args.update({k: v for k, v in overrides.items() if v is not None})
     served = AppArgs.from_dict(args)  # bad args fail here, before Ray starts
     http = dict(raw.get("http_options") or {})
@@ -127,7 +131,7 @@ def run(cfg: ServeConfig) -> int:
         serve.start(http_options=http)
         app = application(args, app_cfg.get("deployments"))  # after ray.init: use_gpu auto looks at the cluster
         serve.run(app, name=app_cfg.get("name", "avray"), route_prefix=app_cfg.get("route_prefix", "/"))
-        routes = [get(t).route.path for t in TASKS if t in served.checkpoints]
+        routes = [get(t).route.path for t in TASKS if t in served.checkpoints] + ["/v1/search"] * bool(served.embeddings)
         print(f"avray serve: http://{cfg.host}:{cfg.port}  routes: {', '.join(routes)}, /healthz, /v1/models, /docs"
               + ("  (bearer token required)" if served.token else ""), flush=True)
         print("  Ctrl-C stops", flush=True)

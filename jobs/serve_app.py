@@ -23,6 +23,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
@@ -43,6 +44,7 @@ class AppArgs:
     the file (and `from_dict` / `to_dict`), each checkpoint is under its task's name."""
 
     checkpoints: dict[str, str] = field(default_factory=dict)  # task -> checkpoint; a route per task given
+    embeddings: str | None = None    # an avray embed folder: POST /v1/search over it (with its retrieval checkpoint)
     max_upload_mb: float = 50.0      # larger uploads: 413
     max_seconds: float = 60.0        # longer media: 413
     max_pixels: int = 1920 * 1080    # larger frames: 413
@@ -68,6 +70,16 @@ class AppArgs:
             raise ValueError("max_batch_size must be >= 1 and batch_wait_ms >= 0")
         if self.use_gpu not in ("auto", "yes", "no"):
             raise ValueError(f"use_gpu must be auto, yes or no, got {self.use_gpu!r}")
+        if self.embeddings is not None:
+            from pipelines.embedstore import EmbeddingStore
+
+            made_by = EmbeddingStore(self.embeddings).config["checkpoint_sha1"]
+            if "retrieval" not in self.checkpoints:
+                raise ValueError("searching embeddings needs the retrieval checkpoint that made them (--retrieval)")
+            from jobs.embed import checkpoint_id
+            if checkpoint_id(self.checkpoints["retrieval"]) != made_by:
+                raise ValueError(f"{self.embeddings} was not made by {self.checkpoints['retrieval']}: "
+                                 "its embeddings would not be comparable with the queries")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AppArgs":
@@ -79,6 +91,8 @@ class AppArgs:
             raise ValueError(f"unknown serve args {unknown}; known: {sorted(names | set(TASKS))}")
         kw = {k: v for k, v in d.items() if k in names}
         kw["token"] = kw.get("token") or os.environ.get("AVRAY_TOKEN") or None
+        if kw.get("embeddings"):
+            kw["embeddings"] = os.path.abspath(kw["embeddings"])
         return cls(checkpoints={t: os.path.abspath(d[t]) for t in TASKS if d.get(t)}, **kw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,6 +174,30 @@ class ModelServer:
         return [{"result": r, "ms": ms, "batch": len(items)} for r in results]
 
 
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+class Searcher:
+    """The embeddings of `args.embeddings` (memory-mapped; its FAISS index per column when `avray
+    index` made one) ranked for a query vector. One replica holds them all: README says how to
+    shard past one node's memory."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        from pipelines.embedstore import EmbeddingStore
+
+        self.args = AppArgs.from_dict(args)
+        self.store = EmbeddingStore(self.args.embeddings)
+        self.store.current()  # built now (if missing), not on the first request
+
+    def describe(self) -> dict[str, Any]:
+        return {"embeddings": self.store.folder, "clips": self.store.rows().num_rows, "dim": self.store.dim}
+
+    def __call__(self, vector, k: int, against: str) -> dict[str, Any]:
+        from jobs.search import search
+
+        t0 = time.perf_counter()
+        found, how = search(self.store, vector, k, against, exact=False)
+        return {"clips": found, "search": how, "ms": (time.perf_counter() - t0) * 1000}
+
+
 _ALLOWED_TYPES = ("video/", "application/octet-stream", "application/mp4", "application/x-matroska")
 
 app = FastAPI(
@@ -181,15 +219,18 @@ def _add_route(task: Task) -> None:
     takes the app (it serialises it then)."""
     route = task.route
 
-    async def endpoint(request: Request, file: UploadFile, ingress, **options: Any) -> Response:
+    async def endpoint(request: Request, file: UploadFile | None, ingress, **options: Any) -> Response:
         return await ingress.answer(task, request, file, options)
 
     where = {"query": Query, "form": Form}
     P = inspect.Parameter
+    text = [P("text", P.KEYWORD_ONLY, annotation=str | None, default=Form(None, description="the text to embed"))]
     endpoint.__signature__ = inspect.Signature([
         P("request", P.KEYWORD_ONLY, annotation=Request),
-        P("file", P.KEYWORD_ONLY, annotation=UploadFile, default=File(..., description=route.upload)),
+        P("file", P.KEYWORD_ONLY, annotation=UploadFile | None if route.text else UploadFile,
+          default=File(None if route.text else ..., description=route.upload)),
         P("ingress", P.KEYWORD_ONLY, default=Depends(_ingress)),
+        *(text if route.text else []),
         *(P(o.name, P.KEYWORD_ONLY, annotation=o.annotation,
             default=where[o.where](o.default, description=o.description, **o.checks)) for o in route.options)])
     app.add_api_route(route.path, endpoint, methods=["POST"], name=task.name, summary=route.summary.split(":")[0],
@@ -203,9 +244,9 @@ for _name in TASKS:
 @serve.deployment(ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, args: dict[str, Any], decoder, **models) -> None:
+    def __init__(self, args: dict[str, Any], decoder, searcher=None, **models) -> None:
         self.args = AppArgs.from_dict(args)
-        self.decoder = decoder
+        self.decoder, self.searcher = decoder, searcher
         self.models = models  # task -> DeploymentHandle, in TASKS order
         self.max_bytes = int(self.args.max_upload_mb * 1024 * 1024)
 
@@ -232,7 +273,7 @@ class Ingress:
             raise HTTPException(400, "empty upload")
         return data
 
-    async def answer(self, task: Task, request: Request, file: UploadFile, options: dict[str, Any]) -> Response:
+    async def answer(self, task: Task, request: Request, file: UploadFile | None, options: dict[str, Any]) -> Response:
         """A task's route: auth, the upload read within the limits, decoder -> model, the task's answer
         with a Server-Timing header: ms in the decoder deployment (round trip from the ingress),
         decoding, the model deployment (round trip from the decoder), its forward pass, and how many
@@ -240,7 +281,19 @@ class Ingress:
         self._auth(request)
         if task.name not in self.models:
             raise HTTPException(404, f"no {task.name} model is loaded (start avray serve with --{task.name} CHECKPOINT)")
-        data = await self._read(request, file, task.route.image_ok)
+        if task.route.text and (file is None) == (options.get("text") is None):
+            raise HTTPException(422, "send either a file or a text, not both and not neither")
+        data = None if file is None else await self._read(request, file, task.route.image_ok)
+        result, meta = await self._run(task, data, options)
+        # answers are JSON-native values returned as JSONResponse: FastAPI's jsonable_encoder walk
+        # over a heatmap list costs milliseconds
+        a = task.answer(result, meta, options)
+        response = (JSONResponse(a.body, headers=a.headers) if isinstance(a.body, dict)
+                    else Response(a.body, media_type=a.media_type, headers=a.headers))
+        return self._timed(response, meta["timing"])
+
+    async def _run(self, task: Task, data: bytes | None, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """Decoder -> model for one request: (the model's result, the answer's metadata with `timing`)."""
         t0 = time.perf_counter()
         try:
             out = await self.decoder.remote(task.name, data, options)
@@ -249,16 +302,47 @@ class Ingress:
         if "error" in out:
             status, message = out["error"]
             raise HTTPException(status, message, headers={"Retry-After": "1"} if status == 503 else None)
-        t = {**out["meta"]["timing"], "decoder": (time.perf_counter() - t0) * 1000}
-        # answers are JSON-native values returned as JSONResponse: FastAPI's jsonable_encoder walk
-        # over a heatmap list costs milliseconds
-        a = task.answer(out["result"], out["meta"], options)
-        response = (JSONResponse(a.body, headers=a.headers) if isinstance(a.body, dict)
-                    else Response(a.body, media_type=a.media_type, headers=a.headers))
-        response.headers["Server-Timing"] = (
-            f'decoder;dur={t["decoder"]:.2f}, decode;dur={t["decode"]:.2f}, model;dur={t["model"]:.2f}, '
-            f'inference;dur={t["inference"]:.2f}, batch;desc="{t["batch"]}"')
+        out["meta"]["timing"]["decoder"] = (time.perf_counter() - t0) * 1000
+        return out["result"], out["meta"]
+
+    @staticmethod
+    def _timed(response: Response, t: dict[str, Any]) -> Response:
+        response.headers["Server-Timing"] = ", ".join(
+            [f'decoder;dur={t["decoder"]:.2f}, decode;dur={t["decode"]:.2f}, model;dur={t["model"]:.2f}, '
+             f'inference;dur={t["inference"]:.2f}']
+            + [f"search;dur={t['search']:.2f}"] * ("search" in t) + [f'batch;desc="{t["batch"]}"'])
         return response
+
+    @app.post("/v1/search")
+    async def search(self, request: Request,
+                     file: UploadFile | None = File(None, description="a video or sound to find clips like (or send `text`)"),
+                     text: str | None = Form(None, description="what to find, in words"),
+                     k: int = Form(10, ge=1, le=1000, description="clips to return"),
+                     against: str = Form("emb", pattern="^(emb|video_emb|audio_emb)$",
+                                         description="which embedding of the clips to rank")):
+        """The clips of the served embeddings folder closest to a text, a sound or a video: source
+        path, start and end seconds, score, caption when known."""
+        self._auth(request)
+        if self.searcher is None:
+            raise HTTPException(404, "no embeddings are loaded (start avray serve with --embeddings EMB and the "
+                                     "--retrieval CHECKPOINT that made them)")
+        task = get("retrieval")
+        if (file is None) == (text is None):
+            raise HTTPException(422, "send either a file or a text, not both and not neither")
+        data = None if file is None else await self._read(request, file, image_ok=False)
+        result, meta = await self._run(task, data, {"text": text})
+        if text is not None:
+            vector = result["text"][0]
+        else:
+            key = "clip" if meta["pictures"] and meta["sound"] else ("video" if meta["pictures"] else "audio")
+            vector = result[key].mean(axis=0)
+            vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+        found = await self.searcher.remote(vector.astype(np.float32), k, against)
+        body = {"query": text if text is not None else file.filename, "against": against, "search": found["search"],
+                "clips": found["clips"]}
+        if text is not None:
+            body["unknown_words"] = meta["unknown_words"]
+        return self._timed(JSONResponse(body), {**meta["timing"], "search": found["ms"]})
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
@@ -292,4 +376,5 @@ def build(args: AppArgs, deployments: list[dict[str, Any]]):
 
     handles = {t: model(get(t)) for t in TASKS if t in args.checkpoints}
     decoder = Decoder.options(**opts.get("Decoder", {})).bind(plain, **handles)
-    return Ingress.options(**opts.get("Ingress", {})).bind(plain, decoder, **handles)
+    searcher = Searcher.options(**opts.get("Searcher", {})).bind(plain) if args.embeddings else None
+    return Ingress.options(**opts.get("Ingress", {})).bind(plain, decoder, searcher, **handles)

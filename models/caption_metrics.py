@@ -1,7 +1,7 @@
 """Caption metrics: corpus BLEU-4 (torchmetrics), CIDEr (pycocoevalcap's scorer) and, for the
 synthetic scenes, whether the caption names the right sounding object first.
 
-All metrics normalise text with `models.captioning.tokenize` (lower-case, whitespace split,
+All metrics normalise text with `models.text.tokenize` (lower-case, whitespace split,
 punctuation stripped) and compare the space-joined tokens; pycocoevalcap's PTBTokenizer is not
 used (it needs Java). pycocoevalcap is imported lazily: only `cider` needs it.
 """
@@ -12,7 +12,7 @@ from typing import Sequence
 
 from torchmetrics.functional.text import bleu_score
 
-from models.captioning import tokenize
+from models.text import tokenize
 
 
 def _norm(text: str) -> str:

@@ -30,8 +30,7 @@ Departures from the paper, on purpose (what each one measured: BENCHMARKS.md, qu
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as fn
@@ -341,8 +340,3 @@ def separation_loss(out: dict[str, torch.Tensor], sources: torch.Tensor, cfg: Se
         best, _ = permutation_invariant_training(est, ref, _pair_loss, mode="speaker-wise", eval_func="min",
                                                  bins=bins, snr_weight=cfg.snr_weight, snr_max_db=cfg.snr_max_db)  # (B,)
     return best.mean()
-
-
-def preset(name: str, **overrides: Any) -> SeparationConfig:
-    """A preset with fields replaced, e.g. `preset("tiny", num_speakers=3, audio_only=True)`."""
-    return replace(PRESETS[name], **overrides)

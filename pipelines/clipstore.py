@@ -1,9 +1,12 @@
-"""The output folder of `avray preprocess`: what is done, and writing it so that reruns are safe.
+"""The output folder of `avray preprocess` (and of `avray embed`): what is done, and writing it so
+that reruns are safe.
 
     OUT/clips/<video_id>.parquet    all clip rows of one input file (one row group per batch)
     OUT/errors/<video_id>.parquet   the error row of one input file that gave no clips
     OUT/_config.json                decode + spectrogram settings and carried columns of OUT
     OUT/summary.json                counts of the last run and of OUT as a whole
+
+`avray embed` writes the same layout with its parts under OUT/embeddings/ (`kind`).
 
 Every part is written under a `.tmp-` name and renamed when complete, so a part file exists
 only for a finished input: an interrupted run (Ctrl-C, a killed worker) leaves at most `.tmp-`
@@ -31,9 +34,11 @@ TMP_PREFIX = ".tmp-"
 
 @dataclass(frozen=True)
 class ClipStore:
-    """OUT, as a pyarrow filesystem and a root path on it (picklable: sent to Ray tasks)."""
+    """OUT, as a pyarrow filesystem and a root path on it (picklable: sent to Ray tasks); `kind`:
+    the folder of its good parts (clips, or embeddings)."""
 
     uri: str
+    kind: str = CLIPS
 
     @functools.cached_property
     def fs_root(self) -> tuple[pafs.FileSystem, str]:
@@ -48,7 +53,7 @@ class ClipStore:
 
     def create(self) -> None:
         fs, _ = self.fs_root
-        for kind in (CLIPS, ERRORS):
+        for kind in (self.kind, ERRORS):
             fs.create_dir(self.path(kind), recursive=True)
 
     def list_parts(self, kind: str) -> dict[str, str]:
@@ -61,19 +66,19 @@ class ClipStore:
 
     def done(self) -> set[str]:
         """video_ids with a finished part of either kind (one listing per kind)."""
-        return set(self.list_parts(CLIPS)) | set(self.list_parts(ERRORS))
+        return set(self.list_parts(self.kind)) | set(self.list_parts(ERRORS))
 
     def is_done(self, vid: str) -> bool:
         """Whether `vid` has a finished part, by looking up its two part paths (no listing)."""
         fs, _ = self.fs_root
-        infos = fs.get_file_info([self.part_path(kind, vid) for kind in (CLIPS, ERRORS)])
+        infos = fs.get_file_info([self.part_path(kind, vid) for kind in (self.kind, ERRORS)])
         return any(i.type == pafs.FileType.File for i in infos)
 
     def remove_temporaries(self) -> int:
         """Delete `.tmp-` files left by interrupted runs; return how many."""
         fs, _ = self.fs_root
         n = 0
-        for kind in (CLIPS, ERRORS):
+        for kind in (self.kind, ERRORS):
             sel = pafs.FileSelector(self.path(kind), allow_not_found=True)
             for i in fs.get_file_info(sel):
                 if i.base_name.startswith(TMP_PREFIX):
@@ -84,7 +89,7 @@ class ClipStore:
     def clear(self) -> None:
         """Delete everything avray wrote in OUT (for --overwrite)."""
         fs, _ = self.fs_root
-        for kind in (CLIPS, ERRORS):
+        for kind in (self.kind, ERRORS):
             if fs.get_file_info(self.path(kind)).type == pafs.FileType.Directory:
                 fs.delete_dir(self.path(kind))
         for name in ("_config.json", "summary.json"):
@@ -142,10 +147,14 @@ class PartWriter:
     def __enter__(self) -> "PartWriter":
         return self
 
+    def abort(self) -> None:
+        """Delete the unfinished part."""
+        self.writer.close()
+        self.fs.delete_file(self.tmp)
+
     def __exit__(self, exc_type: type | None, *rest: object) -> None:
         if exc_type is None and not self.committed:
             self.commit()
         elif not self.committed:
-            self.writer.close()
-            self.fs.delete_file(self.tmp)
+            self.abort()
 

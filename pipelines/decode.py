@@ -269,6 +269,30 @@ def read_image(source: str | BinaryIO, cfg: DecodeConfig) -> tuple[np.ndarray, M
     raise TruncatedMedia("no picture could be decoded")
 
 
+def read_audio(source: str | BinaryIO, cfg: DecodeConfig) -> np.ndarray:
+    """The whole audio stream of a file without pictures (WAV, MP3, ...), resampled to
+    `cfg.sample_rate` and averaged to mono: float32 (S,). Raises `MediaError` subclasses like
+    `MediaReader` (MediaTooLong past `cfg.max_seconds`, measured as it decodes)."""
+    container = _open(source, cfg)
+    with container:
+        a = container.streams.best("audio")
+        if a is None:
+            raise UnreadableMedia("no audio stream")
+        resampler = av.AudioResampler(format="fltp", rate=cfg.sample_rate)
+        parts, n = [], 0
+        for frame in container.decode(a):
+            for out in resampler.resample(frame):
+                parts.append(out.to_ndarray().mean(axis=0))  # (C, n) -> mono mean
+                n += parts[-1].size
+            if n > cfg.max_seconds * cfg.sample_rate:
+                raise MediaTooLong(f"more than --max-seconds {cfg.max_seconds:g} s of audio")
+        for out in resampler.resample(None):
+            parts.append(out.to_ndarray().mean(axis=0))
+    if not parts:
+        raise TruncatedMedia("no audio could be decoded")
+    return np.concatenate(parts).astype(np.float32)
+
+
 class MediaReader:
     """Streams `Clip`s out of one file (a path, or a seekable binary file object such as an
     upload held in memory). Use as a context manager; `info` is set on open.

@@ -75,3 +75,26 @@ def clip_caption(ground_truth: str | dict[str, Any], start_s: float, end_s: floa
         segs = [[max(a, start_s), min(b, end_s)] for a, b in o["segments"] if min(b, end_s) > max(a, start_s)]
         objs.append({**o, "boxes": o["boxes"][lo:hi], "sounding": o["sounding"][lo:hi], "segments": segs})
     return caption(objs, gt["size"])
+
+
+def clip_captions_or_none(batch: dict[str, Any]) -> list[str | None]:
+    """Caption of each clip row: from the scene ground truth for the clip's own span when the row
+    has one (synthetic scenes), else the carried `caption` column (e.g. a dataset manifest), else None."""
+    gts = batch.get("ground_truth")
+    caps = batch.get("caption")
+    out: list[str | None] = []
+    for i in range(len(batch["video_id"])):
+        if gts is not None and gts[i] is not None:
+            out.append(clip_caption(gts[i], float(batch["start_s"][i]), float(batch["end_s"][i])))
+        else:
+            out.append(str(caps[i]) if caps is not None and caps[i] is not None else None)
+    return out
+
+
+def clip_captions(batch: dict[str, Any]) -> list[str]:
+    """`clip_captions_or_none`, for training targets: a clip without a caption is a ValueError."""
+    out = clip_captions_or_none(batch)
+    for vid, c in zip(batch["video_id"], out):
+        if c is None:
+            raise ValueError(f"clip of video {vid} has neither ground_truth nor caption")
+    return out

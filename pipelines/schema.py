@@ -29,6 +29,19 @@ Clip row (`OUT/clips/*.parquet`):
 | src_fps | float32 | average frame rate of the source video stream (0 if unknown) |
 | rotation | int16 | rotation applied from the stream's display matrix (degrees) |
 | *carried* | any | every other manifest column, same value on each clip of the file |
+
+Embedding row (`EMB/embeddings/*.parquet`, written by `avray embed`, one per clip):
+
+| column | type | meaning |
+|---|---|---|
+| clip_id, video_id, source_path, clip_index, start_s, end_s | as in the clip row | which clip, where |
+| caption | string (null: unknown) | the clip's caption: its scene's ground truth for its span, or the manifest's `caption` |
+| video_emb, audio_emb | fixed_size_list<float32>[D] | the clip's picture and sound in the joint space, unit norm |
+| emb | fixed_size_list<float32>[D] | the clip embedding, L2(video_emb + audio_emb) |
+| *carried* | any | the clip table's manifest columns |
+
+Embeddings are plain fixed-size float32 lists, so pyarrow, pandas, duckdb and FAISS read them as
+(N, D) arrays (`pyarrow.Table.column("emb").combine_chunks().flatten().to_numpy().reshape(-1, D)`).
 """
 
 from __future__ import annotations
@@ -79,6 +92,26 @@ ERROR_SCHEMA = pa.schema([
     pa.field("error_type", pa.string(), nullable=False),   # exception class name, e.g. InvalidDataError
     pa.field("message", pa.string(), nullable=False),
 ])
+
+
+EMBEDDING_COLUMNS = ("video_emb", "audio_emb", "emb")
+
+
+def embedding_schema(dim: int, carried: pa.Schema | None = None) -> pa.Schema:
+    """The embedding table of D = `dim` vectors, followed by the carried manifest columns."""
+    vec = pa.list_(pa.float32(), dim)
+    fields = [CLIP_SCHEMA.field(n) for n in ("clip_id", "video_id", "source_path", "clip_index", "start_s", "end_s")]
+    fields += [pa.field("caption", pa.string(), nullable=True)]
+    fields += [pa.field(n, vec, nullable=False) for n in EMBEDDING_COLUMNS]
+    carried = carried if carried is not None else pa.schema([])
+    clash = sorted(set(carried.names) & {f.name for f in fields})
+    return pa.schema(fields + [f for f in carried if f.name not in clash])
+
+
+def vectors(table: pa.Table, column: str) -> "np.ndarray":
+    """A fixed-size-list float32 column as a float32 (N, D) array (no copy when it has one chunk)."""
+    col = table.column(column).combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
 
 
 def clip_schema(carried: pa.Schema | None = None) -> pa.Schema:

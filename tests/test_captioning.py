@@ -1,13 +1,14 @@
 """Captioning (Show, Attend and Tell with audio): vocabulary, shapes, decoding, loss, metrics,
 checkpoint round trip and a tiny training run whose verb only the audio can tell."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from models.caption_metrics import bleu4, cider, first_object, sounding_object_accuracy
-from models.captioning import (BOS, EOS, PAD, PRESETS, SPECIALS, UNK, Captioner, CaptioningConfig, build_vocab,
-                               caption_loss, decode, encode, encode_batch, preset, tokenize)
+from models.captioning import PRESETS, Captioner, CaptioningConfig, caption_loss
+from models.text import BOS, EOS, PAD, SPECIALS, UNK, build_vocab, decode, encode, encode_batch, tokenize
 from jobs.tasks import get, load_checkpoint
 from models.checkpoint import save_checkpoint
 from pipelines.synth import caption
@@ -15,6 +16,10 @@ from pipelines.synth_audio import SOUND_TABLE
 
 B, T, H, W, M, N, L = 3, 3, 67, 67, 64, 37, 7
 WORDS = SPECIALS + tuple("abcdefghij")
+
+
+def preset(name: str, vocab: tuple[str, ...]) -> CaptioningConfig:
+    return replace(PRESETS[name], vocab=vocab)
 
 
 def _inputs(seed: int = 0, b: int = B):

@@ -10,7 +10,7 @@ import torch
 
 from models.separation import (
     PRESETS, AVSeparator, SeparationConfig, compress, decode, decompress,
-    mix_and_separate_batch, preset, separation_loss, soft_snr,
+    mix_and_separate_batch, separation_loss, soft_snr,
 )
 from models.separation_metrics import (
     best_permutation, pit_align, sdr, sdr_improvement, si_sdr, si_sdr_improvement,
@@ -20,6 +20,10 @@ from pipelines.spectrogram import SpectrogramConfig, stft
 SPEECH = Path(__file__).parent / "fixtures" / "cmu_arctic_us_axb_a0005.wav"
 B, S, T, PX = 3, 8000 + 37, 5, 33
 N = S // 256 + 1  # 32 STFT frames at the tiny preset's hop
+
+
+def preset(name: str, **overrides) -> SeparationConfig:
+    return replace(PRESETS[name], **overrides)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -58,8 +58,28 @@ def media(tmp_path_factory) -> dict[str, Path]:
             "big": d / "big.bin"}
 
 
+def embeddings_of(videos: list[Path], out: Path, checkpoint: str) -> Path:
+    """An avray embed folder of `videos`, ingested with CLIP settings (no Ray for the ingest)."""
+    from jobs.embed import EmbedConfig
+    from jobs.embed import run as embed
+    from pipelines.clipsettings import ClipSettings
+    from pipelines.clipstore import ClipStore
+    from pipelines.ingest import IngestConfig, ingest_file
+    from pipelines.schema import clip_schema
+    from pipelines.sources import list_sources
+
+    store = ClipStore(str(out / "data"))
+    store.create()
+    s = ClipSettings.from_dict(CLIP)
+    for src in list_sources([str(v) for v in videos]).to_pylist():
+        ingest_file(src, store, IngestConfig(decode=s.decode_config(), spectrogram=s.spectrogram_config()), clip_schema())
+    store.write_json("_config.json", {**CLIP, "carried_columns": []})
+    assert embed(EmbedConfig(checkpoint=checkpoint, data=str(out / "data" / "clips"), out=str(out / "emb"), actors=1)) == 0
+    return out / "emb"
+
+
 @pytest.fixture(scope="module")
-def server(ray_local, tmp_path_factory):
+def server(ray_local, tmp_path_factory, media):
     from ray import serve
 
     from jobs.serve import application
@@ -67,14 +87,16 @@ def server(ray_local, tmp_path_factory):
 
     ckpts = tiny_checkpoints(tmp_path_factory.mktemp("serve-ckpt"), CLIP,
                              ["a red circle on the left hums", "a blue square clicks"])
+    emb = embeddings_of([media["scene"], FIXTURES / "grid_brbk7n.mpg"], tmp_path_factory.mktemp("serve-emb"),
+                        ckpts["retrieval"])
     port = _free_port()
-    args = {**ckpts, "token": TOKEN, "max_seconds": MAX_SECONDS, "max_upload_mb": MAX_UPLOAD_MB,
+    args = {**ckpts, "embeddings": str(emb), "token": TOKEN, "max_seconds": MAX_SECONDS, "max_upload_mb": MAX_UPLOAD_MB,
             "max_batch_size": 4, "batch_wait_ms": 2}
     small = {"ray_actor_options": {"num_cpus": 0.1}}
     deployments = [{"name": "Ingress", "max_ongoing_requests": 2, "max_queued_requests": 2, **small},
                    {"name": "Decoder", "max_ongoing_requests": 4, "max_queued_requests": 32, **small},
                    *({"name": n, "max_ongoing_requests": 8, "max_queued_requests": 32, **small}
-                     for n in (get(t).deployment for t in TASKS))]
+                     for n in (*(get(t).deployment for t in TASKS), "Searcher"))]
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
     try:
         serve.run(application(args, deployments), name="avray-test", route_prefix="/")
@@ -203,6 +225,43 @@ def test_caption_video_image_and_beam(server, media):
     assert d["audio_used"] is False and len(d["clips"]) == 1
     r = post(server, "/v1/caption", media["silent"])  # a video without sound is captioned without it
     assert r.status_code == 200 and r.json()["audio_used"] is False and len(r.json()["clips"]) == 2
+
+
+def test_embed_text_and_media(server, media):
+    r = requests.post(f"{server}/v1/embed", data={"text": "a red circle hums loudly"}, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["dim"] == 64 and len(d["embedding"]) == 64 and d["unknown_words"] == ["loudly"]
+    assert abs(np.linalg.norm(d["embedding"]) - 1) < 1e-4
+    r = post(server, "/v1/embed", media["scene"])
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["embeddings"] == ["clip", "video", "audio"] and [(c["start_s"], c["end_s"]) for c in d["clips"]] == [
+        (0.0, 2.0), (2.0, 4.0)]
+    assert all(len(c[k]) == 64 for c in d["clips"] for k in ("clip", "video", "audio"))
+    r = post(server, "/v1/embed", media["silent"])  # pictures without sound: no audio or fused embedding
+    assert r.status_code == 200 and r.json()["embeddings"] == ["video"]
+    for form, message in (({"text": "  "}, "empty text"), ({"text": "zebra"}, "none of the words of 'zebra'"),
+                          ({"text": "x" * 1001}, "longer than 1000 characters"), ({}, "send either a file or a text")):
+        r = requests.post(f"{server}/v1/embed", data=form, headers=AUTH, timeout=60)
+        assert r.status_code == 422 and message in r.json()["detail"], r.text
+
+
+def test_search_by_text_and_by_example(server, media):
+    r = requests.post(f"{server}/v1/search", data={"text": "a red circle on the left hums", "k": 3}, headers=AUTH,
+                      timeout=60)
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["search"] == "exact" and d["against"] == "emb" and len(d["clips"]) == 3  # 2 + 1 clips embedded
+    assert [c["rank"] for c in d["clips"]] == [1, 2, 3] and d["clips"][0]["score"] >= d["clips"][-1]["score"]
+    assert {Path(c["source_path"]).name for c in d["clips"]} == {"scene_00000.mp4", "grid_brbk7n.mpg"}
+    assert "search" in server_timing(r.headers["Server-Timing"])
+    r = post(server, "/v1/search", media["scene"], form={"k": 1, "against": "video_emb"})
+    assert r.status_code == 200, r.text
+    (best,) = r.json()["clips"]
+    assert Path(best["source_path"]).name == "scene_00000.mp4" and best["score"] > 0.99  # its own clips
+    r = requests.post(f"{server}/v1/search", data={"text": "a circle", "k": 0}, headers=AUTH, timeout=60)
+    assert r.status_code == 422
 
 
 @pytest.mark.parametrize("route", ["/v1/localize", "/v1/separate", "/v1/caption"])
@@ -354,9 +413,11 @@ def test_serve_config_file_is_a_valid_serve_config():
     raw = read_config(DEFAULT_CONFIG)  # validated by ray.serve.schema.ServeDeploySchema
     (app,) = raw["applications"]
     assert app["import_path"] == "jobs.serve:build_app" and raw["http_options"]["host"] == "127.0.0.1"
-    assert [d["name"] for d in app["deployments"]] == ["Ingress", "Decoder", "Localizer", "Separator", "Captioner"]
+    assert [d["name"] for d in app["deployments"]] == ["Ingress", "Decoder", "Localizer", "Separator", "Captioner",
+                                                        "Embedder", "Searcher"]
     assert all("max_ongoing_requests" in d and "max_queued_requests" in d for d in app["deployments"])
-    assert AppArgs.from_dict({**app["args"], **{t: __file__ for t in ("localization", "separation", "captioning")}})
+    args = {k: v for k, v in app["args"].items() if k != "embeddings"}  # (checked against its checkpoint)
+    assert AppArgs.from_dict({**args, **{t: __file__ for t in ("localization", "separation", "captioning", "retrieval")}})
 
 
 def test_build_app_is_what_serve_run_calls(tmp_path):

@@ -156,6 +156,22 @@ def test_train_captioning_builds_vocab_from_clip_captions(clips, tmp_path):
     assert {"bleu4_audio", "cider_no_audio", "sounding_object_acc_audio"} <= set(metrics)
 
 
+def test_train_retrieval_and_evaluate_every_direction(clips, tmp_path):
+    from jobs.tasks.retrieval import DIRECTIONS
+
+    out = tmp_path / "ret"
+    assert run(TrainConfig(task="retrieval", data=str(clips), out=str(out), epochs=1, batch_size=4,
+                           val_fraction=0.25)) == 0
+    (row,) = _metrics(out)
+    assert {"val_audio_to_video_r1", "val_text_to_video_r10", "val_shuffled_audio_to_video_r1", "val_chance_r1"} <= set(row)
+    model, ckpt = load_checkpoint(out / "model.pt")
+    assert {"hums", "clicks", "while"} & set(model.cfg.vocab) and model.cfg.vocab == tuple(ckpt["config"]["vocab"])
+    metrics = _evaluate("retrieval", out, clips, tmp_path / "eval")
+    for q, g in DIRECTIONS:
+        assert {f"{q}_to_{g}_r1", f"{q}_to_{g}_r5", f"{q}_to_{g}_r10", f"{q}_to_{g}_median_rank"} <= set(metrics)
+    assert metrics["chance_r1"] == 1 / metrics["clips"]
+
+
 @pytest.mark.parametrize("name", ["localization", "separation", "captioning"])
 def test_ray_data_prepares_the_batches_collate_gives(clips, name):
     """avray train runs task.prepare in Ray Data tasks (clip_dataset) and the worker only makes
@@ -203,8 +219,8 @@ def test_ray_data_prepares_the_batches_collate_gives(clips, name):
         assert (mine["faces"].flatten(0, 1) - area).abs().max() <= 0.5 / 255 + 1e-6  # rounded to uint8
     else:
         assert from_ray["frames"].dtype == torch.uint8 and torch.equal(mine["frames"], as_float)
-        from jobs.tasks.captioning import clip_captions
-        from models.captioning import tokenize
+        from pipelines.groundtruth import clip_captions
+        from models.text import tokenize
 
         # <bos> words <eos> padded to 24 ids whatever the captions, so that rows prepared
         # by different Ray Data tasks (different captions) stack into one batch

@@ -17,6 +17,7 @@ TASKS: dict[str, str] = {
     "localization": "jobs.tasks.localization",
     "separation": "jobs.tasks.separation",
     "captioning": "jobs.tasks.captioning",
+    "retrieval": "jobs.tasks.retrieval",
 }
 
 

@@ -54,7 +54,9 @@ class Option:
 class Route:
     """A task's HTTP route: POST `path` with the media as multipart field `file` (`upload` says what
     it should hold), plus `options`. `image_ok`: a still image is accepted (one clip, no sound);
-    `needs_audio`: a video without an audio stream is refused (422)."""
+    `needs_audio`: a video without an audio stream is refused (422); `audio_ok`: sound without
+    pictures is accepted (clips of black frames, `video_stream` -1); `text`: the route takes a
+    form field `text` instead of a file (one of the two)."""
 
     path: str
     summary: str
@@ -62,6 +64,8 @@ class Route:
     options: tuple[Option, ...] = ()
     image_ok: bool = False
     needs_audio: bool = True
+    audio_ok: bool = False
+    text: bool = False
 
 
 @dataclass(frozen=True)
@@ -135,20 +139,23 @@ class Task(abc.ABC):
         by `serve_settings`."""
         return dataclasses.replace(trained, **self.serve_settings)
 
-    def from_upload(self, data: bytes, cfg: Any, trained: ClipSettings, *, max_pixels: int, max_seconds: float,
+    def from_upload(self, data: bytes | None, cfg: Any, trained: ClipSettings, *, max_pixels: int, max_seconds: float,
                     options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """One request's work before the model: the upload decoded into clip rows as the model's
         training clips were made (`clip_settings(trained)`, pipelines.upload), then `request`.
         Returns (the model's item, the answer's metadata: the task's own plus `starts` (C,) clip
         starts in seconds, `fps`, `frames_per_clip`, `sample_rate` and the `source` size).
-        Raises RequestError: 413 past a limit, 422 for unusable media."""
+        Without data (a route taking `text`), `request` gets no rows. Raises RequestError: 413 past
+        a limit, 422 for unusable media."""
         from pipelines.decode import MediaError, MediaTooLarge, MediaTooLong
         from pipelines.upload import decode_upload
 
         settings = self.clip_settings(trained)
+        if data is None:
+            return self.request(None, cfg, settings, options)
         try:
             rows, info = decode_upload(data, settings, max_pixels=max_pixels, max_seconds=max_seconds,
-                                       image_ok=self.route.image_ok)
+                                       image_ok=self.route.image_ok, audio_ok=self.route.audio_ok)
         except (MediaTooLarge, MediaTooLong) as e:
             raise RequestError(413, str(e)) from e
         except MediaError as e:
@@ -163,8 +170,9 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def request(self, rows: dict[str, Any], cfg: Any, settings: ClipSettings,
                 options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """An upload's clip rows (pipelines.upload, decoded with `settings`) + the route's options
-        -> (the model's item: only what `infer` reads, the answer's metadata). Raises RequestError."""
+        """An upload's clip rows (pipelines.upload, decoded with `settings`; None for a text request)
+        + the route's options -> (the model's item: only what `infer` reads, the answer's
+        metadata). Raises RequestError."""
 
     @abc.abstractmethod
     def infer(self, model: torch.nn.Module, items: list[dict[str, Any]], device: torch.device) -> list[Any]:

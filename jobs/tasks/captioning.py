@@ -18,32 +18,16 @@ import torch
 import torch.nn.functional as F
 
 from jobs.tasks.base import Answer, Option, Route, Task, channels_first, chunked, save_figure, to_model
-from models.captioning import (PAD, PRESETS, Captioner, CaptioningConfig, build_vocab, caption_loss, decode,
-                               encode_batch)
+from models.captioning import PRESETS, Captioner, CaptioningConfig, caption_loss
+from models.text import PAD, build_vocab, decode, encode_batch
 from models.caption_metrics import bleu4, cider, sounding_object_accuracy
 from pipelines.clipsettings import ClipSettings
-from pipelines.groundtruth import clip_caption
+from pipelines.groundtruth import clip_captions
 from pipelines.schema import decode_clip_batch
 
 TARGET_IDS = 24  # training targets: <bos> words <eos> <pad>..., truncated or padded to this many ids
 MAX_BEAM = 10
 log = logging.getLogger(__name__)
-
-
-def clip_captions(batch: dict[str, Any]) -> list[str]:
-    """Target caption of each clip row: from the scene ground truth for the clip's own span when
-    the row has one (synthetic scenes), else the carried `caption` column (e.g. a dataset manifest)."""
-    gts = batch.get("ground_truth")
-    caps = batch.get("caption")
-    out = []
-    for i in range(len(batch["video_id"])):
-        if gts is not None and gts[i] is not None:
-            out.append(clip_caption(gts[i], float(batch["start_s"][i]), float(batch["end_s"][i])))
-        elif caps is not None and caps[i] is not None:
-            out.append(str(caps[i]))
-        else:
-            raise ValueError(f"clip of video {batch['video_id'][i]} has neither ground_truth nor caption")
-    return out
 
 
 class Captioning(Task):

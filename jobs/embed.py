@@ -1,0 +1,242 @@
+"""Embed every clip of a clip folder with a retrieval checkpoint (Ray Data batch inference, streaming).
+
+DATA is a clip folder of `avray preprocess` (one Parquet file per video); OUT receives one
+embeddings part per video (OUT/embeddings/<video_id>.parquet: each clip's video, audio and fused
+embeddings, with its place in its source video and the manifest columns), error rows for clips
+(or files) that could not be embedded (OUT/errors/), OUT/_config.json (the checkpoint and its
+clip settings) and OUT/summary.json. Ray Data runs a pool of actors that each load the model once
+(on a GPU when the cluster has them); a file's clips go through the model in batches, so memory
+is bounded by a batch, never by the dataset. Parts are written atomically: a rerun skips the
+videos already done and never duplicates a row; a rerun with another checkpoint is refused
+(--overwrite starts over).
+
+example:
+  avray train --task retrieval --data data/clips --out runs/ret --epochs 10
+  avray embed --checkpoint runs/ret/model.pt --data data/clips --out emb/
+  avray search emb/ --text "a red circle on the left hums"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+EMBEDDINGS = "embeddings"  # OUT/embeddings/<video_id>.parquet
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    checkpoint: str = field(metadata={"help": "retrieval checkpoint (avray train --task retrieval's model.pt)"})
+    data: str = field(metadata={"help": "clip Parquet folder (OUT/clips of avray preprocess)"})
+    out: str = field(metadata={"help": "output folder: embeddings/, errors/, _config.json, summary.json", "short": "-o"})
+    batch_size: int = field(default=64, metadata={"help": "clips per forward pass"})
+    files_per_task: int = field(default=8, metadata={"help": "clip files (videos) per Ray Data batch"})
+    actors: int = field(default=0, metadata={"help": "model actors (0: one per GPU, else one per CPU)"})
+    use_gpu: str = field(default="auto", metadata={"help": "auto: a GPU per actor when the cluster has them",
+                                                   "choices": ("auto", "yes", "no")})
+    overwrite: bool = field(default=False, metadata={"help": "delete what OUT holds and start over"})
+    address: str | None = field(default=None, metadata={"help": "Ray address (default: RAY_ADDRESS, else a local Ray)"})
+
+
+def checkpoint_id(path: str) -> str:
+    """sha1 of a checkpoint file's bytes: which model made an embeddings folder."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Embedder:
+    """A retrieval model loaded once, embedding whole clip files: `embed_file` is the plain function
+    (tested without Ray); `__call__` is the Ray Data actor's batch of files -> their summary rows."""
+
+    def __init__(self, checkpoint: str, store, schema, batch_size: int, device: str | None = None) -> None:
+        import torch
+
+        from jobs.tasks import load_checkpoint
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)  # one actor per CPU
+        self.model, _ = load_checkpoint(checkpoint, self.device, task="retrieval")
+        self.store, self.schema, self.batch_size = store, schema, batch_size
+
+    def embed_rows(self, rows: dict[str, Any]):
+        """numpy clip rows -> video, audio, fused embeddings, float32 (B, D) each."""
+        import torch
+
+        from jobs.tasks import get
+        from jobs.tasks.base import as_tensors, on_device
+        from models.retrieval import fuse
+
+        x = on_device(as_tensors(get("retrieval").prepare(rows, self.model.cfg, targets=False)), self.device)
+        with torch.no_grad():
+            v, a = self.model.encode_video(x["frames"]).float().cpu(), self.model.encode_audio(x["logmel"]).float().cpu()
+        return v.numpy(), a.numpy(), fuse(v, a).numpy()
+
+    def embed_table(self, table):
+        """Clip rows -> (indices of the rows embedded, their vectors (video, audio, fused), [(row
+        index, exception)] of the rows that failed). A bad row fails its whole batch, so then the
+        rows are embedded one by one to keep the good ones."""
+        import numpy as np
+
+        from pipelines.schema import numpy_batch
+
+        try:
+            return list(range(table.num_rows)), self.embed_rows(numpy_batch(table)), []
+        except Exception:  # noqa: BLE001 - find the bad rows below
+            good, parts, bad = [], [], []
+            for i in range(table.num_rows):
+                try:
+                    parts.append(self.embed_rows(numpy_batch(table.slice(i, 1))))
+                    good.append(i)
+                except Exception as e:  # noqa: BLE001 - becomes its error row
+                    bad.append((i, e))
+            return good, tuple(np.concatenate([p[k] for p in parts]) for k in range(3)) if parts else None, bad
+
+    def embed_file(self, path: str) -> dict[str, Any]:
+        """One clip file -> its embeddings part, read and embedded `batch_size` clips at a time (memory:
+        a batch, whatever the video's length), and an error row per clip that could not be embedded
+        (or one for a file that cannot be read); never raises for bad input. Returns a summary row:
+        video_id, path, status (ok | failed | skipped), clips, errors, seconds."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from jobs.tasks import get
+        from pipelines.clipstore import ERRORS
+        from pipelines.groundtruth import clip_captions_or_none
+        from pipelines.schema import ERROR_SCHEMA, error_row, numpy_batch
+
+        vid = os.path.basename(path)[: -len(".parquet")]
+        summary = {"video_id": vid, "path": path, "status": "ok", "clips": 0, "errors": 0, "seconds": 0.0}
+        if self.store.is_done(vid):  # a retried task already finished this file
+            return {**summary, "status": "skipped"}
+        t0 = time.perf_counter()
+        errors: list[dict[str, str]] = []
+        part = None
+        try:
+            pf = pq.ParquetFile(path)
+            columns = [c for c in dict.fromkeys([*get("retrieval").columns, *self.schema.names])
+                       if c in pf.schema_arrow.names]
+            for rb in pf.iter_batches(batch_size=self.batch_size, columns=columns):
+                table = pa.Table.from_batches([rb])
+                good, vectors, bad = self.embed_table(table)
+                ids = table.column("clip_id").to_pylist()
+                errors += [error_row(path, vid, "embed", f"clip {ids[i]}: {type(e).__name__}: {e}") for i, e in bad]
+                if vectors is None:
+                    continue
+                table = table.take(good)
+                out = {n: table.column(n) for n in self.schema.names if n in table.column_names}
+                out["caption"] = pa.array(clip_captions_or_none(numpy_batch(table)), pa.string())
+                for name, v in zip(("video_emb", "audio_emb", "emb"), vectors):
+                    out[name] = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])
+                part = part or self.store.open_part(EMBEDDINGS, vid, self.schema)
+                part.write(pa.Table.from_pydict({n: out[n] for n in self.schema.names}, schema=self.schema))
+                summary["clips"] += len(good)
+            if part is not None:
+                part.commit()
+        except Exception as e:  # noqa: BLE001 - a file that cannot be read (or breaks midway) is one error row
+            errors.append(error_row(path, vid, "read", e))
+            summary["clips"] = 0
+            if part is not None:
+                part.abort()
+        if errors:
+            with self.store.open_part(ERRORS, vid, ERROR_SCHEMA) as w:
+                w.write(pa.Table.from_pylist(errors, schema=ERROR_SCHEMA))
+            summary.update(errors=len(errors), status="ok" if summary["clips"] else "failed")
+        summary["seconds"] = time.perf_counter() - t0
+        return summary
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        rows = [self.embed_file(str(p)) for p in batch["path"]]
+        return {k: [r[k] for r in rows] for k in rows[0]}
+
+
+def run(cfg: EmbedConfig) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from jobs.data import clip_files
+    from jobs.tasks import served_config
+    from pipelines.clipstore import ClipStore
+    from pipelines.schema import CLIP_SCHEMA, embedding_schema
+
+    if not os.path.isdir(cfg.data):
+        raise FileNotFoundError(f"no clip folder at {cfg.data} (run avray preprocess first)")
+    if cfg.batch_size < 1 or cfg.files_per_task < 1 or cfg.actors < 0:
+        raise ValueError("--batch-size and --files-per-task must be >= 1, --actors >= 0")
+    _, mcfg, settings = served_config(cfg.checkpoint, task="retrieval")
+    files = sorted(clip_files(cfg.data))
+    carried = pa.schema([f for f in pq.read_schema(files[0]) if f.name not in CLIP_SCHEMA.names])
+    schema = embedding_schema(mcfg.embed_dim, carried)
+    store = ClipStore(cfg.out, kind=EMBEDDINGS)
+    if cfg.overwrite:
+        store.clear()
+    store.create()
+    made_with = {"checkpoint": os.path.abspath(cfg.checkpoint), "checkpoint_sha1": checkpoint_id(cfg.checkpoint),
+                 "dim": mcfg.embed_dim, "data": os.path.abspath(cfg.data), "clip_settings": settings.to_dict()}
+    previous = store.read_json("_config.json")
+    if previous is not None and (previous["checkpoint_sha1"], previous["dim"]) != (made_with["checkpoint_sha1"], made_with["dim"]):
+        raise ValueError(f"{cfg.out} holds embeddings of another checkpoint ({previous['checkpoint']}); "
+                         "use --overwrite or another --out")
+    store.write_json("_config.json", made_with)
+    store.remove_temporaries()
+    done = store.done()
+    pending = [f for f in files if os.path.basename(f)[: -len(".parquet")] not in done]
+    log.info("%d clip file(s): %d already embedded, %d to embed", len(files), len(files) - len(pending), len(pending))
+
+    t0 = time.perf_counter()
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=cfg.address or os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        started = True
+    rows: list[dict[str, Any]] = []
+    try:
+        if pending:
+            import ray.data
+
+            gpus = int(ray.cluster_resources().get("GPU", 0))
+            use_gpu = {"yes": True, "no": False}.get(cfg.use_gpu, gpus > 0)
+            actors = cfg.actors or (max(1, gpus) if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1))))
+            ds = ray.data.from_items([{"path": f} for f in pending], override_num_blocks=max(1, len(pending) // cfg.files_per_task))
+            out = ds.map_batches(Embedder, batch_size=cfg.files_per_task, batch_format="numpy", concurrency=actors,
+                                 num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
+                                 fn_constructor_kwargs={"checkpoint": os.path.abspath(cfg.checkpoint), "store": store,
+                                                        "schema": schema, "batch_size": cfg.batch_size})
+            last = time.perf_counter()
+            for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+                rows.extend(batch.to_pylist())
+                if time.perf_counter() - last > 10:
+                    last = time.perf_counter()
+                    log.info("%d/%d files, %d clips", len(rows), len(pending), sum(r["clips"] for r in rows))
+    finally:
+        if started:
+            ray.shutdown()
+    wall = time.perf_counter() - t0
+    clips = sum(r["clips"] for r in rows)
+    summary = {"run": {"files": len(files), "files_embedded": sum(r["status"] == "ok" for r in rows),
+                       "files_failed": sum(r["status"] == "failed" for r in rows),
+                       "files_skipped_done": len(files) - len(pending) + sum(r["status"] == "skipped" for r in rows),
+                       "clips": clips, "clip_errors": sum(r["errors"] for r in rows), "wall_seconds": round(wall, 3),
+                       "clips_per_second": round(clips / wall, 1) if wall else 0.0},
+               "out": {"clips": store.count_rows(store.list_parts(EMBEDDINGS).values()),
+                       "files": len(store.list_parts(EMBEDDINGS)), "dim": mcfg.embed_dim}}
+    store.write_json("summary.json", summary)
+    r, o = summary["run"], summary["out"]
+    print(f"avray embed: {r['files']} file(s): {r['files_embedded']} embedded, {r['files_failed']} failed, "
+          f"{r['files_skipped_done']} already done; {r['clips']} clips in {r['wall_seconds']:.1f} s "
+          f"({r['clips_per_second']:.1f} clips/s), {r['clip_errors']} error row(s)")
+    print(f"  {cfg.out}: {o['clips']} clips of {o['files']} file(s), {o['dim']}-d vectors in {store.path(EMBEDDINGS)}")
+    print(f"  search: avray search {cfg.out} --text \"...\"")
+    return 0
+
+
+CONFIG = EmbedConfig

@@ -1,0 +1,163 @@
+"""Matching: video, sound and text in one normalised embedding space (CLIP-style joint embedding).
+
+    frames (B, T, 3, H, W) ─VisualEncoder per frame (every k-th)─▶ (B, T', Dv) + time embedding
+        ─attention pooling (a learned query over the frames)─▶ linear ─L2─▶ video (B, D)
+    logmel (B, M, N) ─AudioEncoder─▶ (B, Da) ─linear─L2─▶ audio (B, D)
+    tokens (B, L) ─word + position embedding─▶ Transformer encoder (padding masked)
+        ─mean over the words─▶ linear ─L2─▶ text (B, D)
+    clip embedding (search by text or example): fuse(video, audio) = L2(video + audio)
+
+Trained with the symmetric InfoNCE of CLIP (Radford et al. 2021) on each pair, video-text,
+audio-text and video-audio (`retrieval_loss`, weights in the config), with one learned
+temperature (`logit_scale` = log(1 / tau), clamped at log 100 as CLIP does). Losses are
+functions of the forward output, outside `forward`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from models.encoders import AudioEncoder, AudioEncoderConfig, VisualEncoder, VisualEncoderConfig
+from models.text import PAD, SPECIALS
+
+MAX_LOGIT_SCALE = math.log(100.0)
+PAIRS = ("video_text", "audio_text", "video_audio")
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """Joint embedder. `vocab`: the words, SPECIALS first (fitted on the training captions);
+    `embed_dim`: D, the joint space; `text_dim`, `text_layers`, `text_heads`: the text encoder;
+    `max_len`: token ids per text incl. <bos>/<eos>; `max_frames`: size of the time embedding
+    (frames after the stride); `frame_stride`: the video encoder sees frames 0, k, 2k, ...;
+    `temperature`: tau at initialisation, learned when `learn_temperature`; `pair_weights`: the loss
+    weight of each pair in PAIRS order (video-text, audio-text, video-audio); `image_size`: the
+    frame side the data pipeline resizes to (the model accepts any size)."""
+
+    vocab: tuple[str, ...] = SPECIALS
+    visual: VisualEncoderConfig = field(default_factory=lambda: VisualEncoderConfig(arch="tiny", width=16))
+    audio: AudioEncoderConfig = field(default_factory=lambda: AudioEncoderConfig(arch="tiny", width=16, pool="max"))
+    embed_dim: int = 64
+    text_dim: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    max_len: int = 24
+    max_frames: int = 16
+    frame_stride: int = 2
+    temperature: float = 0.07
+    learn_temperature: bool = True
+    pair_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    image_size: int = 64
+
+    def __post_init__(self) -> None:
+        if tuple(self.vocab[: len(SPECIALS)]) != SPECIALS:
+            raise ValueError(f"vocab must start with {SPECIALS}, got {tuple(self.vocab[:4])}")
+        if min(self.embed_dim, self.text_dim, self.text_layers, self.text_heads, self.max_frames,
+               self.frame_stride) <= 0 or self.max_len < 2:
+            raise ValueError("widths, layers, heads, max_frames and frame_stride must be positive and max_len >= 2")
+        if self.text_dim % self.text_heads:
+            raise ValueError(f"text_dim {self.text_dim} is not a multiple of text_heads {self.text_heads}")
+        if not 0 < self.temperature <= 1:
+            raise ValueError(f"temperature must be in (0, 1], got {self.temperature}")
+        if len(self.pair_weights) != len(PAIRS) or min(self.pair_weights) < 0 or sum(self.pair_weights) <= 0:
+            raise ValueError(f"weights: one >= 0 per pair {PAIRS}, not all 0; got {self.pair_weights}")
+
+
+PRESETS: dict[str, RetrievalConfig] = {
+    # 0.24 M parameters (with 40 words); 64 px frames, every 2nd frame; trains on 2 CPU cores in minutes.
+    "tiny": RetrievalConfig(),
+    # ResNet-18 visual trunk at 224 px (local ImageNet weights via `visual.weights`), ResNet-18 audio,
+    # a 4-layer text transformer, D = 256: for a GPU.
+    "paper": RetrievalConfig(
+        visual=VisualEncoderConfig(arch="resnet18"), audio=AudioEncoderConfig(arch="resnet18", pool="max"),
+        embed_dim=256, text_dim=256, text_layers=4, text_heads=4, max_len=32, max_frames=32, frame_stride=4,
+        image_size=224),
+}
+"""Presets with the special tokens as their only words: training fits the vocabulary."""
+
+
+class JointEmbedder(nn.Module):
+    """Video, audio and text encoders into one L2-normalised D-dimensional space."""
+
+    def __init__(self, cfg: RetrievalConfig = RetrievalConfig()) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D, E = cfg.embed_dim, cfg.text_dim
+        self.visual = VisualEncoder(cfg.visual)
+        self.time_embed = nn.Embedding(cfg.max_frames, self.visual.out_dim)
+        self.pool_query = nn.Parameter(torch.zeros(self.visual.out_dim))
+        self.video_proj = nn.Linear(self.visual.out_dim, D)
+        self.audio = AudioEncoder(cfg.audio)
+        self.audio_proj = nn.Linear(self.audio.out_dim, D)
+        self.word_embed = nn.Embedding(len(cfg.vocab), E, padding_idx=PAD)
+        self.pos_embed = nn.Embedding(cfg.max_len, E)
+        layer = nn.TransformerEncoderLayer(E, cfg.text_heads, dim_feedforward=2 * E, dropout=0.1, batch_first=True)
+        self.text = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
+        self.text_proj = nn.Linear(E, D)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)),
+                                        requires_grad=cfg.learn_temperature)
+
+    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames: float (B, T, 3, H, W) in [0, 1] -> float (B, D), unit norm. Frames 0, k, 2k, ...
+        (k = `frame_stride`) are encoded one by one and pooled by attention over time."""
+        frames = frames[:, :: self.cfg.frame_stride]  # (B, T', 3, H, W)
+        B, T = frames.shape[:2]
+        if T > self.cfg.max_frames:
+            raise ValueError(f"{T} frames exceed max_frames={self.cfg.max_frames}")
+        feats = self.visual(rearrange(frames, "b t c h w -> (b t) c h w"))  # (B·T', Dv)
+        feats = rearrange(feats, "(b t) d -> b t d", b=B) + self.time_embed.weight[:T]  # (B, T', Dv)
+        weights = torch.softmax(feats @ self.pool_query / math.sqrt(feats.shape[-1]), dim=1)  # (B, T')
+        pooled = torch.einsum("bt,btd->bd", weights, feats)  # (B, Dv)
+        return F.normalize(self.video_proj(pooled), dim=-1)
+
+    def encode_audio(self, logmel: torch.Tensor) -> torch.Tensor:
+        """logmel: float (B, M, N) -> float (B, D), unit norm."""
+        return F.normalize(self.audio_proj(self.audio(logmel)), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: long (B, L <= max_len), <bos> ... <eos> then <pad> -> float (B, D), unit norm:
+        the mean of the transformer's outputs over the non-pad positions."""
+        if tokens.shape[1] > self.cfg.max_len:
+            raise ValueError(f"{tokens.shape[1]} token ids exceed max_len={self.cfg.max_len}")
+        pad = tokens == PAD  # (B, L)
+        x = self.word_embed(tokens) + self.pos_embed.weight[: tokens.shape[1]]  # (B, L, E)
+        x = self.text(x, src_key_padding_mask=pad)  # (B, L, E)
+        keep = (~pad).unsqueeze(-1).to(x.dtype)  # (B, L, 1)
+        mean = (x * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)  # (B, E)
+        return F.normalize(self.text_proj(mean), dim=-1)
+
+    def forward(self, frames: torch.Tensor, logmel: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """frames float (B, T, 3, H, W) in [0, 1], logmel float (B, M, N), tokens long (B, L) ->
+        `video`, `audio`, `text` float (B, D), each row of unit norm, and `logit_scale` (a scalar,
+        log(1 / tau) clamped at log 100)."""
+        return {"video": self.encode_video(frames), "audio": self.encode_audio(logmel),
+                "text": self.encode_text(tokens), "logit_scale": self.logit_scale.clamp(max=MAX_LOGIT_SCALE)}
+
+
+def fuse(video: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+    """The clip embedding: L2(video + audio), both float (B, D) of unit norm -> float (B, D)."""
+    return F.normalize(video + audio, dim=-1)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE: row i of `a` and row i of `b` (float (B, D), unit norm) are the
+    positive pair, every other row a negative; logits = exp(logit_scale) a b^T. Returns the mean of
+    the a->b and b->a cross-entropies (a float scalar)."""
+    logits = logit_scale.exp() * a @ b.T  # (B, B)
+    target = torch.arange(len(a), device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def retrieval_loss(out: dict[str, torch.Tensor], cfg: RetrievalConfig) -> dict[str, torch.Tensor]:
+    """`JointEmbedder.forward` output -> {"loss": the weighted sum of the pairs' InfoNCE, one entry
+    per pair of PAIRS, "temperature": the current tau}; all float scalars."""
+    scale = out["logit_scale"]
+    terms = {name: info_nce(out[name.split("_")[0]], out[name.split("_")[1]], scale) for name in PAIRS}
+    loss = sum(w * terms[name] for w, name in zip(cfg.pair_weights, PAIRS)) / sum(cfg.pair_weights)
+    return {"loss": loss, **terms, "temperature": (-scale).exp().detach()}

@@ -1,0 +1,121 @@
+"""Joint embedding: shapes and unit norms, symmetric InfoNCE against a hand computation, the
+learned temperature, retrieval metrics on constructed similarity matrices, and a tiny training
+run in which matched pairs come to outrank shuffled ones."""
+import math
+
+import pytest
+import torch
+
+from models.retrieval import (MAX_LOGIT_SCALE, PRESETS, JointEmbedder, RetrievalConfig, fuse, info_nce,
+                              retrieval_loss)
+from models.retrieval_metrics import ranks, retrieval_scores
+from models.text import SPECIALS, encode_batch
+
+B, T, H, W, M, N = 3, 5, 37, 37, 64, 41
+WORDS = SPECIALS + ("red", "blue", "circle", "square", "hums", "clicks")
+
+
+def _inputs(b: int = B, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.rand(b, T, 3, H, W, generator=g)
+    logmel = torch.randn(b, M, N, generator=g)
+    tokens = encode_batch(["red circle hums", "blue square", "red square clicks clicks"][:b], WORDS, 24)
+    return frames, logmel, tokens
+
+
+def test_forward_shapes_unit_norms_and_backward():
+    torch.manual_seed(0)
+    cfg = RetrievalConfig(vocab=WORDS)
+    model = JointEmbedder(cfg)
+    out = model(*_inputs())
+    for k in ("video", "audio", "text"):
+        assert out[k].shape == (B, 64) and torch.allclose(out[k].norm(dim=1), torch.ones(B), atol=1e-5), k
+    assert fuse(out["video"], out["audio"]).norm(dim=1).allclose(torch.ones(B), atol=1e-5)
+    assert out["logit_scale"].item() == pytest.approx(math.log(1 / 0.07), rel=1e-6)
+    losses = retrieval_loss(out, cfg)
+    assert set(losses) == {"loss", "video_text", "audio_text", "video_audio", "temperature"}
+    losses["loss"].backward()
+    assert model.logit_scale.grad is not None and torch.isfinite(model.logit_scale.grad)
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and n != "pos_embed.weight")
+
+
+def test_video_uses_every_kth_frame_and_text_ignores_padding():
+    torch.manual_seed(1)
+    model = JointEmbedder(RetrievalConfig(vocab=WORDS, frame_stride=2)).eval()
+    frames, logmel, tokens = _inputs()
+    changed = frames.clone()
+    changed[:, 1::2] = 0.0  # frames the stride skips
+    with torch.no_grad():
+        assert torch.equal(model.encode_video(frames), model.encode_video(changed))
+        padded = torch.cat([tokens, torch.zeros(B, 4, dtype=torch.long)], dim=1)
+        torch.testing.assert_close(model.encode_text(padded), model.encode_text(tokens), atol=1e-6, rtol=0)
+        # batch consistency: batched rows equal single calls
+        single = torch.cat([model.encode_audio(logmel[i:i + 1]) for i in range(B)])
+        torch.testing.assert_close(model.encode_audio(logmel), single, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="exceed max_frames"):
+        model.encode_video(torch.rand(1, 40, 3, H, W))
+
+
+def test_info_nce_equals_the_hand_computed_value_on_3x3():
+    a = torch.eye(3)
+    b = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.6, 0.8, 0.0]])
+    e = math.exp  # logits = a b^T = b^T: rows [1, 0, .6], [0, 1, .8], [0, 0, 0]; columns are b's rows
+    rows = [-math.log(e(1) / (e(1) + 1 + e(0.6))), -math.log(e(1) / (1 + e(1) + e(0.8))), -math.log(1 / 3)]
+    cols = [-math.log(e(1) / (e(1) + 2)), -math.log(e(1) / (e(1) + 2)), -math.log(1 / (e(0.6) + e(0.8) + 1))]
+    expected = 0.5 * (sum(rows) / 3 + sum(cols) / 3)
+    assert info_nce(a, b, torch.tensor(0.0)).item() == pytest.approx(expected, rel=1e-6)
+    # a larger scale sharpens the logits: the same pairs cost less once they are the best match
+    assert info_nce(a, a, torch.tensor(math.log(10.0))) < info_nce(a, a, torch.tensor(0.0))
+
+
+def test_temperature_is_clamped_and_the_pair_weights_apply():
+    cfg = RetrievalConfig(vocab=WORDS, pair_weights=(0.0, 0.0, 1.0))
+    model = JointEmbedder(cfg)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    out = model(*_inputs())
+    assert out["logit_scale"].item() == pytest.approx(MAX_LOGIT_SCALE)
+    losses = retrieval_loss(out, cfg)
+    assert torch.equal(losses["loss"], losses["video_audio"]) and losses["temperature"].item() == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="one >= 0 per pair"):
+        RetrievalConfig(pair_weights=(0.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="multiple of text_heads"):
+        RetrievalConfig(text_dim=30, text_heads=4)
+    assert PRESETS["paper"].visual.arch == "resnet18" and PRESETS["tiny"].embed_dim == 64
+
+
+def test_ranks_and_recalls_on_a_constructed_matrix():
+    sim = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.3, 0.8], [0.4, 0.4, 0.4]])
+    assert ranks(sim, torch.eye(3, dtype=torch.bool)).tolist() == [1.0, 2.0, 2.0]  # q2: two ties count half
+    assert retrieval_scores(sim) == {"r1": 1 / 3, "r5": 1.0, "r10": 1.0, "median_rank": 2.0}
+    # with the third item also correct for query 1 (an identical caption), it ranks first
+    correct = torch.eye(3, dtype=torch.bool)
+    correct[1, 2] = True
+    assert ranks(sim, correct).tolist() == [1.0, 1.0, 2.0]
+    constant = torch.zeros(5, 5)  # no information: the expected rank of a random order, (N + 1) / 2
+    assert ranks(constant, torch.eye(5, dtype=torch.bool)).tolist() == [3.0] * 5
+    with pytest.raises(ValueError, match="at least one correct item"):
+        ranks(sim, torch.zeros(3, 3, dtype=torch.bool))
+
+
+def test_tiny_training_matches_pairs_above_chance():
+    """20 steps on 6 fixed random clips whose captions differ: matched video-audio pairs come to
+    outrank the others (R@1 1.0 where chance is 1/6)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    frames, logmel = torch.rand(6, 4, 3, 24, 24, generator=g), torch.randn(6, M, 21, generator=g)
+    words = ["red circle", "blue circle", "red square", "blue square", "hums", "clicks"]
+    tokens = encode_batch(words, WORDS, 8)
+    cfg = RetrievalConfig(vocab=WORDS, max_frames=4)
+    model = JointEmbedder(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(20):
+        loss = retrieval_loss(model(frames, logmel, tokens), cfg)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        out = model(frames, logmel, tokens)
+    assert retrieval_scores(out["audio"] @ out["video"].T)["r1"] == 1.0
+    assert retrieval_scores(out["text"] @ out["video"].T)["r1"] == 1.0
