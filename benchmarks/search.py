@@ -1,7 +1,7 @@
 """Embedding and search benchmark: `avray embed` against the model's forward pass alone, and search
 latency exact vs approximate on 10^4, 10^5, 10^6 vectors with the approximate index's recall@10.
 
-(a) embed: synthetic scenes (`avray synth`, `avray preprocess` at 64 px, 8 fps, 2 s clips, made
+(a) embed: synthetic scenes (`avray synth`, `avray preprocess` at 32 px (the tiny preset's), 8 fps, 2 s clips, made
     once under bench-out/search/) embedded by `avray embed` on a local 2-CPU Ray (one model actor
     per CPU, 1 torch thread each), timed from the command's start with Ray already running;
     against the same tiny model's forward pass alone (encode_video + encode_audio) on the same
@@ -33,19 +33,19 @@ from benchmarks.common import write_section  # noqa: E402
 
 
 def make_clips(work: Path, videos: int) -> Path:
-    """bench-out/search/data/clips: `videos` synthetic scenes of 4 s preprocessed at 64 px, 8 fps."""
+    """bench-out/search/data/clips: `videos` synthetic scenes of 4 s preprocessed at 32 px, 8 fps."""
     from jobs.cli import main as cli
     from jobs.preprocess import PreprocessConfig, run
 
     stamp = work / "data.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == {"videos": videos} and (work / "data" / "clips").is_dir():
+    if stamp.exists() and json.loads(stamp.read_text()) == {"videos": videos, "size": 32} and (work / "data" / "clips").is_dir():
         return work / "data" / "clips"
     shutil.rmtree(work / "media", ignore_errors=True)
     shutil.rmtree(work / "data", ignore_errors=True)
     cli(["synth", "--out", str(work / "media"), "--videos", str(videos), "--seconds", "4", "--size", "64"])
-    run(PreprocessConfig(inputs=(str(work / "media" / "manifest.jsonl"),), out=str(work / "data"), size=64, fps=8.0,
+    run(PreprocessConfig(inputs=(str(work / "media" / "manifest.jsonl"),), out=str(work / "data"), size=32, fps=8.0,
                          num_cpus=2))
-    stamp.write_text(json.dumps({"videos": videos}))
+    stamp.write_text(json.dumps({"videos": videos, "size": 32}))
     return work / "data" / "clips"
 
 

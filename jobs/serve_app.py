@@ -310,7 +310,7 @@ class Ingress:
         response.headers["Server-Timing"] = ", ".join(
             [f'decoder;dur={t["decoder"]:.2f}, decode;dur={t["decode"]:.2f}, model;dur={t["model"]:.2f}, '
              f'inference;dur={t["inference"]:.2f}']
-            + [f"search;dur={t['search']:.2f}"] * ("search" in t) + [f'batch;desc="{t["batch"]}"'])
+            + ([f"search;dur={t['search']:.2f}"] if "search" in t else []) + [f'batch;desc="{t["batch"]}"'])
         return response
 
     @app.post("/v1/search")

@@ -67,13 +67,13 @@ def setup(ray_local, tmp_path_factory):
     task = get("retrieval")
     import pyarrow.compute as pc
     scenes = pc.field("source_path").isin([str((media / r["path"]).resolve()) for r in rows[:SCENES]])
-    (batch,) = list(numpy_batches(str(clips), list(task.columns) + ["source_path"], 64, filter=scenes))
+    (batch,) = list(numpy_batches(str(clips), list(task.columns) + ["source_path", "clip_id"], 64, filter=scenes))
     cfg = task.fit(task.presets["tiny"], lambda cols: {c: batch[c] for c in cols if c in batch})
     torch.manual_seed(0)
     model = task.model(cfg)
     x = task.collate(batch, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(80):
+    for _ in range(150):
         loss = task.step(model, x, cfg)["loss"]
         opt.zero_grad()
         loss.backward()
@@ -209,12 +209,12 @@ def test_index_is_used_by_search_and_matches_exact(setup, capsys):
 
 def test_dedup_groups_the_copies_and_pairs_no_distinct_scenes(setup, tmp_path):
     out = tmp_path / "dups.parquet"
-    assert dedup(DedupConfig(emb=str(setup["emb"]), threshold=0.9, out=str(out))) == 0
+    assert dedup(DedupConfig(emb=str(setup["emb"]), out=str(out))) == 0  # the default threshold, 0.95
     t = pq.read_table(out)
     names = {Path(p).name for c in ("source_path_a", "source_path_b") for p in t.column(c).to_pylist()}
     assert names == {"scene_00000.mp4", "copy_recoded.mp4", "copy_recut.mp4"}, t.to_pandas()
     assert set(t.column("group").to_pylist()) == {0}
-    assert all(s >= 0.9 for s in t.column("score").to_pylist())
+    assert all(s >= 0.95 for s in t.column("score").to_pylist())
 
 
 def test_pairs_and_groups_by_hand():

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from models.retrieval import (MAX_LOGIT_SCALE, PRESETS, JointEmbedder, RetrievalConfig, fuse, info_nce,
-                              retrieval_loss)
+from models.retrieval import (MAX_LOGIT_SCALE, PRESETS, JointEmbedder, RetrievalConfig, TemporalPool, fuse,
+                              info_nce, retrieval_loss)
 from models.retrieval_metrics import ranks, retrieval_scores
 from models.text import SPECIALS, encode_batch
 
@@ -54,6 +54,23 @@ def test_video_uses_every_kth_frame_and_text_ignores_padding():
         torch.testing.assert_close(model.encode_audio(logmel), single, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="exceed max_frames"):
         model.encode_video(torch.rand(1, 40, 3, H, W))
+
+
+def test_temporal_pool_is_a_softmax_weighted_mean_per_query_and_keeps_time_order():
+    torch.manual_seed(2)
+    pool = TemporalPool(dim=4, max_steps=6, queries=3)
+    x = torch.randn(2, 5, 4)
+    out = pool(x)
+    assert out.shape == (2, 3 * 4)
+    xt = x + pool.time_embed.weight[:5]  # by hand: query k's softmax over the 5 steps
+    w = torch.softmax(torch.einsum("btd,kd->bkt", xt, pool.queries) / 2.0, dim=-1)
+    expected = torch.stack([torch.stack([(w[b, k, :, None] * xt[b]).sum(0) for k in range(3)]).flatten()
+                            for b in range(2)])
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    # the same features in another order pool to another vector: when things happen is kept
+    assert not torch.allclose(pool(x.flip(1)), out, atol=1e-3)
+    with pytest.raises(ValueError, match="7 time steps exceed 6"):
+        pool(torch.randn(1, 7, 4))
 
 
 def test_info_nce_equals_the_hand_computed_value_on_3x3():

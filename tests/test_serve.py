@@ -259,7 +259,8 @@ def test_search_by_text_and_by_example(server, media):
     r = post(server, "/v1/search", media["scene"], form={"k": 1, "against": "video_emb"})
     assert r.status_code == 200, r.text
     (best,) = r.json()["clips"]
-    assert Path(best["source_path"]).name == "scene_00000.mp4" and best["score"] > 0.99  # its own clips
+    # its own clips first; the query is the mean of the upload's 2 clips, whose embeddings differ in time
+    assert Path(best["source_path"]).name == "scene_00000.mp4" and best["score"] > 0.6
     r = requests.post(f"{server}/v1/search", data={"text": "a circle", "k": 0}, headers=AUTH, timeout=60)
     assert r.status_code == 422
 
@@ -442,8 +443,8 @@ def test_app_args_errors(tmp_path, monkeypatch):
         AppArgs.from_dict({"localization": str(tmp_path / "nope.pt")})
     with pytest.raises(ValueError, match=r"unknown serve args \['colour'\]"):
         AppArgs.from_dict({"colour": "red"})
-    with pytest.raises(ValueError, match="unknown task 'retrieval'"):
-        AppArgs(checkpoints={"retrieval": str(tmp_path / "m.pt")})
+    with pytest.raises(ValueError, match="unknown task 'vqa'"):
+        AppArgs(checkpoints={"vqa": str(tmp_path / "m.pt")})
     (tmp_path / "m.pt").write_bytes(b"x")
     monkeypatch.setenv("AVRAY_TOKEN", "from-env")
     assert AppArgs.from_dict({"localization": str(tmp_path / "m.pt")}).token == "from-env"
