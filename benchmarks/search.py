@@ -12,7 +12,7 @@ latency exact vs approximate on 10^4, 10^5, 10^6 vectors with the approximate in
     uniform random vectors are the worst case for any index and are not what a model gives).
     Queries: --queries vectors drawn like the data. Exact: pipelines.embedstore.top_k (one
     matrix product per query over the vectors); approximate: jobs.index.build_index (HNSW,
-    M 32, efSearch 128). p50 / p99 ms per single query, speed-up, recall@10 against exact.
+    `avray index`'s default M and efSearch). p50 / p99 ms per single query, speed-up, recall@10 against exact.
 
     python benchmarks/search.py --write BENCHMARKS.md
 """
@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import write_section  # noqa: E402
+from jobs.index import IndexConfig  # noqa: E402
 
 
 def make_clips(work: Path, videos: int) -> Path:
@@ -179,7 +180,7 @@ def main() -> None:
         finally:
             ray.shutdown()
         med = {k: statistics.median(r[k] for r in runs) for k in ("forward", "clips_per_s", "wall_s", "ratio")}
-        lines += [f"Embed: {runs[0]['clips']} clips ({a.videos} synthetic scenes of 4 s, 64 px, 8 fps), the tiny "
+        lines += [f"Embed: {runs[0]['clips']} clips ({a.videos} synthetic scenes of 4 s, 32 px, 8 fps), the tiny "
                   f"retrieval preset, batch {a.batch_size}; medians of {a.runs} runs on 2 cores.", "",
                   "| | clips/s |", "|---|---|",
                   f"| model forward alone (encode_video + encode_audio, prepared batches in memory, 2 torch threads) | {med['forward']:.1f} |",
@@ -193,8 +194,8 @@ def main() -> None:
               f"({r['speedup']:.0f}x), recall@10 {r['recall_at_10']:.3f}, built in {r['build_s']:.1f} s", flush=True)
     lines += [f"Search: 64-d unit vectors in {a.clusters} clusters (spread {a.spread:g}), {a.queries} single "
               "queries drawn like the data; exact = one matrix product per query over memory (numpy, "
-              "pipelines.embedstore.top_k); HNSW = FAISS IndexHNSWFlat, M 32, efSearch 128 (`avray index`'s "
-              "default); one core's worth of threads as numpy and FAISS choose on 2 cores.", "",
+              "pipelines.embedstore.top_k); HNSW = FAISS IndexHNSWFlat, "
+              f"M {IndexConfig.hnsw_m}, efSearch {IndexConfig.ef_search} (`avray index`'s defaults); one core's worth of threads as numpy and FAISS choose on 2 cores.", "",
               "| vectors | exact p50 / p99 ms | HNSW p50 / p99 ms | speed-up (p50) | recall@10 | HNSW build s |",
               "|---|---|---|---|---|---|"]
     for r in res:

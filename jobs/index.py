@@ -33,7 +33,7 @@ class IndexConfig:
                                                  "choices": ("emb", "video_emb", "audio_emb")})
     kind: str = field(default="hnsw", metadata={"help": "hnsw (graph) or ivf (inverted file)", "choices": ("hnsw", "ivf")})
     hnsw_m: int = field(default=32, metadata={"help": "HNSW: neighbours per node"})
-    ef_search: int = field(default=128, metadata={"help": "HNSW: candidates kept while searching"})
+    ef_search: int = field(default=256, metadata={"help": "HNSW: candidates kept while searching"})
     nlist: int = field(default=0, metadata={"help": "IVF: cells (0: 4 sqrt(N))"})
     nprobe: int = field(default=16, metadata={"help": "IVF: cells searched per query"})
     queries: int = field(default=1000, metadata={"help": "vectors used to measure recall@10 against exact search"})

@@ -183,6 +183,25 @@ class Task(abc.ABC):
         """The HTTP answer to one request."""
 
 
+class CaptionVocabulary:
+    """Mixin for a task whose config has a `vocab` (put it before Task): `fit` learns the words of
+    the training captions (pipelines.groundtruth.clip_captions: the scene's ground truth for each
+    clip's span, else a `caption` column) into the config."""
+
+    def fit(self, cfg: Any, read: Callable[[list[str]], dict[str, Any]]) -> Any:
+        import logging
+
+        from models.text import build_vocab
+        from pipelines.groundtruth import clip_captions
+
+        media = ("frames", "frames_shape", "logmel", "logmel_shape")
+        captions = clip_captions(read([c for c in self.columns if c not in media]))
+        vocab = build_vocab(captions)
+        logging.getLogger(type(self).__module__).info("vocabulary: %d words from %d training captions",
+                                                      len(vocab), len(captions))
+        return dataclasses.replace(cfg, vocab=vocab)
+
+
 def save_figure(fig: Any, path: str) -> None:
     """Write a matplotlib figure as the tasks' PNGs are written (tight layout, 80 dpi) and close it."""
     import matplotlib.pyplot as plt

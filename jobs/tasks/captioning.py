@@ -9,17 +9,15 @@ without audio (the model's learned "no audio" embedding, trained by its audio dr
 
 from __future__ import annotations
 
-import logging
-from dataclasses import replace
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.tasks.base import Answer, Option, Route, Task, channels_first, chunked, save_figure, to_model
+from jobs.tasks.base import Answer, CaptionVocabulary, Option, Route, Task, channels_first, chunked, save_figure, to_model
 from models.captioning import PRESETS, Captioner, CaptioningConfig, caption_loss
-from models.text import PAD, build_vocab, decode, encode_batch
+from models.text import PAD, decode, encode_batch
 from models.caption_metrics import bleu4, cider, sounding_object_accuracy
 from pipelines.clipsettings import ClipSettings
 from pipelines.groundtruth import clip_captions
@@ -27,10 +25,9 @@ from pipelines.schema import decode_clip_batch
 
 TARGET_IDS = 24  # training targets: <bos> words <eos> <pad>..., truncated or padded to this many ids
 MAX_BEAM = 10
-log = logging.getLogger(__name__)
 
 
-class Captioning(Task):
+class Captioning(CaptionVocabulary, Task):
     name = "captioning"
     config, model, presets = CaptioningConfig, Captioner, PRESETS
     columns = ("video_id", "start_s", "end_s", "frames", "frames_shape", "logmel", "logmel_shape",
@@ -40,14 +37,6 @@ class Captioning(Task):
         "/v1/caption", upload="video or image", image_ok=True, needs_audio=False,
         summary="What happens: one caption per clip (a still image is one clip, captioned without sound).",
         options=(Option("beam_size", int, 1, "1: greedy decoding", checks={"ge": 1, "le": MAX_BEAM}),))
-
-    def fit(self, cfg: CaptioningConfig, read) -> CaptioningConfig:
-        """The vocabulary of the training captions (`build_vocab`), stored in the model config."""
-        text = [c for c in self.columns if c not in ("frames", "frames_shape", "logmel", "logmel_shape")]
-        captions = clip_captions(read(text))
-        vocab = build_vocab(captions)
-        log.info("vocabulary: %d words from %d training captions", len(vocab), len(captions))
-        return replace(cfg, vocab=vocab)
 
     def prepare(self, batch: dict[str, Any], cfg: CaptioningConfig, targets: bool = True) -> dict[str, np.ndarray]:
         """-> frames uint8 (B, T, 3, H, W), logmel float (B, M, N) and, with `targets`, tokens int64

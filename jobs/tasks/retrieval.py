@@ -11,23 +11,20 @@ served route embeds a text or an upload.
 
 from __future__ import annotations
 
-import logging
-from dataclasses import replace
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.tasks.base import Answer, RequestError, Route, Task, channels_first, joined, save_figure, to_model
+from jobs.tasks.base import Answer, CaptionVocabulary, RequestError, Route, Task, channels_first, joined, save_figure, to_model
 from models.retrieval import PRESETS, JointEmbedder, RetrievalConfig, fuse, retrieval_loss
 from models.retrieval_metrics import retrieval_scores
-from models.text import PAD, build_vocab, decode, encode_batch, tokenize
+from models.text import PAD, decode, encode_batch, tokenize
 from pipelines.clipsettings import ClipSettings
 from pipelines.groundtruth import clip_captions
 from pipelines.schema import decode_clip_batch
 
-log = logging.getLogger(__name__)
 MAX_TEXT_CHARS = 1000  # longer query texts are refused (422)
 DIRECTIONS = (("text", "video"), ("video", "text"), ("text", "audio"), ("audio", "text"),
               ("audio", "video"), ("video", "audio"))
@@ -53,7 +50,7 @@ def check_text(text: str, cfg: RetrievalConfig) -> None:
                                 f"words (e.g. {', '.join(cfg.vocab[4:10])})")
 
 
-class Retrieval(Task):
+class Retrieval(CaptionVocabulary, Task):
     name = "retrieval"
     config, model, presets = RetrievalConfig, JointEmbedder, PRESETS
     columns = ("video_id", "start_s", "end_s", "frames", "frames_shape", "logmel", "logmel_shape",
@@ -63,14 +60,6 @@ class Retrieval(Task):
         "/v1/embed", upload="video or sound (or send `text` instead)", needs_audio=False, audio_ok=True, text=True,
         summary="Embeddings in the joint space: of a text (form field `text`), or of each clip of an upload "
                 "(video, audio and the fused clip embedding).")
-
-    def fit(self, cfg: RetrievalConfig, read) -> RetrievalConfig:
-        """The vocabulary of the training captions, stored in the model config."""
-        text = [c for c in self.columns if c not in ("frames", "frames_shape", "logmel", "logmel_shape")]
-        captions = clip_captions(read(text))
-        vocab = build_vocab(captions)
-        log.info("vocabulary: %d words from %d training captions", len(vocab), len(captions))
-        return replace(cfg, vocab=vocab)
 
     def prepare(self, batch: dict[str, Any], cfg: RetrievalConfig, targets: bool = True) -> dict[str, np.ndarray]:
         """-> frames uint8 (B, T, 3, H, W), logmel float (B, M, N) and, with `targets`, tokens int64
