@@ -200,7 +200,7 @@ def main() -> None:
               "|---|---|---|---|---|---|"]
     for r in res:
         lines.append(f"| {r['n']:,} | {r['exact_p50']:.2f} / {r['exact_p99']:.2f} | {r['approx_p50']:.3f} / "
-                     f"{r['approx_p99']:.3f} | **{r['speedup']:.0f}x** | **{r['recall_at_10']:.3f}** | {r['build_s']:.1f} |")
+                     f"{r['approx_p99']:.3f} | **{r['speedup']:.1f}x** | **{r['recall_at_10']:.3f}** | {r['build_s']:.1f} |")
     md = "\n".join(lines)
     print(md)
     if a.write:

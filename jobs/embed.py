@@ -5,8 +5,8 @@ embeddings part per video (OUT/embeddings/<video_id>.parquet: each clip's video,
 embeddings, with its place in its source video and the manifest columns), error rows for clips
 (or files) that could not be embedded (OUT/errors/), OUT/_config.json (the checkpoint and its
 clip settings) and OUT/summary.json. Ray Data runs a pool of actors that each load the model once
-(on a GPU when the cluster has them); a file's clips go through the model in batches, so memory
-is bounded by a batch, never by the dataset. Parts are written atomically: a rerun skips the
+(on a GPU when the cluster has them); the clips of the files an actor takes go through the model
+in batches across files, so memory is bounded by a batch, never by the dataset. Parts are written atomically: a rerun skips the
 videos already done and never duplicates a row; a rerun with another checkpoint is refused
 (--overwrite starts over).
 
@@ -36,7 +36,7 @@ class EmbedConfig:
     data: str = field(metadata={"help": "clip Parquet folder (OUT/clips of avray preprocess)"})
     out: str = field(metadata={"help": "output folder: embeddings/, errors/, _config.json, summary.json", "short": "-o"})
     batch_size: int = field(default=64, metadata={"help": "clips per forward pass"})
-    files_per_task: int = field(default=8, metadata={"help": "clip files (videos) per Ray Data batch"})
+    files_per_task: int = field(default=32, metadata={"help": "clip files (videos) per Ray Data batch: their clips share forward passes"})
     actors: int = field(default=0, metadata={"help": "model actors (0: one per GPU, else one per CPU)"})
     use_gpu: str = field(default="auto", metadata={"help": "auto: a GPU per actor when the cluster has them",
                                                    "choices": ("auto", "yes", "no")})
@@ -54,7 +54,7 @@ def checkpoint_id(path: str) -> str:
 
 
 class Embedder:
-    """A retrieval model loaded once, embedding whole clip files: `embed_file` is the plain function
+    """A retrieval model loaded once, embedding whole clip files: `embed_files` is the plain function
     (tested without Ray); `__call__` is the Ray Data actor's batch of files -> their summary rows."""
 
     def __init__(self, checkpoint: str, store, schema, batch_size: int, device: str | None = None) -> None:
@@ -101,11 +101,14 @@ class Embedder:
                     bad.append((i, e))
             return good, tuple(np.concatenate([p[k] for p in parts]) for k in range(3)) if parts else None, bad
 
-    def embed_file(self, path: str) -> dict[str, Any]:
-        """One clip file -> its embeddings part, read and embedded `batch_size` clips at a time (memory:
-        a batch, whatever the video's length), and an error row per clip that could not be embedded
-        (or one for a file that cannot be read); never raises for bad input. Returns a summary row:
-        video_id, path, status (ok | failed | skipped), clips, errors, seconds."""
+    def embed_files(self, paths: list[str]) -> list[dict[str, Any]]:
+        """Clip files -> their embeddings parts and an error row per clip that could not be embedded
+        (or one for a file that cannot be read); never raises for bad input. The clips of all the
+        files go through the model together, `batch_size` at a time (a 4 s video has 2 clips: one
+        forward pass per file would be a pass of 2), so memory is a batch plus one read piece of a
+        file, whatever the videos' lengths; each file's part is committed atomically at the end.
+        Returns a summary row per file: video_id, path, status (ok | failed | skipped), clips, errors."""
+        import numpy as np
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -114,48 +117,84 @@ class Embedder:
         from pipelines.groundtruth import clip_captions_or_none
         from pipelines.schema import ERROR_SCHEMA, error_row, numpy_batch
 
-        vid = os.path.basename(path)[: -len(".parquet")]
-        summary = {"video_id": vid, "path": path, "status": "ok", "clips": 0, "errors": 0, "seconds": 0.0}
-        if self.store.is_done(vid):  # a retried task already finished this file
-            return {**summary, "status": "skipped"}
-        t0 = time.perf_counter()
-        errors: list[dict[str, str]] = []
-        part = None
-        try:
-            pf = pq.ParquetFile(path)
-            columns = [c for c in dict.fromkeys([*get("retrieval").columns, *self.schema.names])
-                       if c in pf.schema_arrow.names]
-            for rb in pf.iter_batches(batch_size=self.batch_size, columns=columns):
-                table = pa.Table.from_batches([rb])
-                good, vectors, bad = self.embed_table(table)
-                ids = table.column("clip_id").to_pylist()
-                errors += [error_row(path, vid, "embed", f"clip {ids[i]}: {type(e).__name__}: {e}") for i, e in bad]
-                if vectors is None:
-                    continue
-                table = table.take(good)
-                out = {n: table.column(n) for n in self.schema.names if n in table.column_names}
-                out["caption"] = pa.array(clip_captions_or_none(numpy_batch(table)), pa.string())
-                for name, v in zip(("video_emb", "audio_emb", "emb"), vectors):
-                    out[name] = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])
-                part = part or self.store.open_part(EMBEDDINGS, vid, self.schema)
-                part.write(pa.Table.from_pydict({n: out[n] for n in self.schema.names}, schema=self.schema))
-                summary["clips"] += len(good)
-            if part is not None:
-                part.commit()
-        except Exception as e:  # noqa: BLE001 - a file that cannot be read (or breaks midway) is one error row
-            errors.append(error_row(path, vid, "read", e))
-            summary["clips"] = 0
-            if part is not None:
-                part.abort()
-        if errors:
-            with self.store.open_part(ERRORS, vid, ERROR_SCHEMA) as w:
-                w.write(pa.Table.from_pylist(errors, schema=ERROR_SCHEMA))
-            summary.update(errors=len(errors), status="ok" if summary["clips"] else "failed")
-        summary["seconds"] = time.perf_counter() - t0
-        return summary
+        summaries: dict[str, dict[str, Any]] = {}
+        parts: dict[str, Any] = {}
+        errors: dict[str, list[dict[str, str]]] = {}
+        failed: set[str] = set()
+        pending: list[tuple[str, str, Any]] = []  # (video id, path, clip rows) waiting for the model
+
+        def fail(vid: str, path: str, e: Exception, stage: str = "read") -> None:
+            errors[vid].append(error_row(path, vid, stage, e))
+            failed.add(vid)
+            pending[:] = [p for p in pending if p[0] != vid]
+
+        def write(vid: str, table, vectors) -> None:
+            out = {n: table.column(n) for n in self.schema.names if n in table.column_names}
+            out["caption"] = pa.array(clip_captions_or_none(numpy_batch(table)), pa.string())
+            for name, v in zip(("video_emb", "audio_emb", "emb"), vectors):
+                out[name] = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])
+            if vid not in parts:
+                parts[vid] = self.store.open_part(EMBEDDINGS, vid, self.schema)
+            parts[vid].write(pa.Table.from_pydict({n: out[n] for n in self.schema.names}, schema=self.schema))
+            summaries[vid]["clips"] += table.num_rows
+
+        def flush() -> None:
+            if not pending:
+                return
+            table = pa.concat_tables([t for _, _, t in pending], promote_options="default")
+            good, vectors, bad = self.embed_table(table)
+            good = np.asarray(good, dtype=np.int64)
+            start = 0
+            for vid, path, piece in list(pending):
+                stop = start + piece.num_rows
+                ids = piece.column("clip_id").to_pylist()
+                errors[vid] += [error_row(path, vid, "embed", f"clip {ids[i - start]}: {type(e).__name__}: {e}")
+                                for i, e in bad if start <= i < stop]
+                mine = (good >= start) & (good < stop)
+                if vectors is not None and mine.any():
+                    try:
+                        write(vid, piece.take(good[mine] - start), [v[mine] for v in vectors])
+                    except Exception as e:  # noqa: BLE001 - a part that cannot be written fails its file
+                        fail(vid, path, e, "write")
+                start = stop
+            pending.clear()
+
+        for path in paths:
+            vid = os.path.basename(path)[: -len(".parquet")]
+            summaries[vid] = {"video_id": vid, "path": path, "status": "ok", "clips": 0, "errors": 0}
+            errors[vid] = []
+            if self.store.is_done(vid):  # a retried task already finished this file
+                summaries[vid]["status"] = "skipped"
+                continue
+            try:
+                pf = pq.ParquetFile(path)
+                columns = [c for c in dict.fromkeys([*get("retrieval").columns, *self.schema.names])
+                           if c in pf.schema_arrow.names]
+                for rb in pf.iter_batches(batch_size=self.batch_size, columns=columns):
+                    pending.append((vid, path, pa.Table.from_batches([rb])))
+                    if sum(t.num_rows for _, _, t in pending) >= self.batch_size:
+                        flush()
+            except Exception as e:  # noqa: BLE001 - a file that cannot be read (or breaks midway) is one error row
+                fail(vid, path, e)
+        flush()
+
+        for vid, summary in summaries.items():
+            if summary["status"] == "skipped":
+                continue
+            if vid in failed:
+                summary["clips"] = 0
+                if vid in parts:
+                    parts[vid].abort()
+            elif vid in parts:
+                parts[vid].commit()
+            if errors[vid]:
+                with self.store.open_part(ERRORS, vid, ERROR_SCHEMA) as w:
+                    w.write(pa.Table.from_pylist(errors[vid], schema=ERROR_SCHEMA))
+                summary.update(errors=len(errors[vid]), status="ok" if summary["clips"] else "failed")
+        return list(summaries.values())
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        rows = [self.embed_file(str(p)) for p in batch["path"]]
+        rows = self.embed_files([str(p) for p in batch["path"]])
         return {k: [r[k] for r in rows] for k in rows[0]}
 
 

@@ -222,3 +222,29 @@ def test_pairs_and_groups_by_hand():
     i, j, s = duplicate_pairs(v, ["a", "a", "b", "c", "d"], 0.99, block=2)
     assert list(zip(i.tolist(), j.tolist())) == [(0, 4), (1, 4)]  # 0-1: same video, not compared
     assert groups([("a", "d"), ("c", "b"), ("d", "e")]) == {"a": 0, "d": 0, "e": 0, "b": 1, "c": 1}
+
+
+def test_clips_of_several_files_share_forward_passes(setup, tmp_path):
+    """Embedder.embed_files (no Ray): the 7 files' 27 clips go through the model in batches of 16
+    across files (2 passes), not one pass per file (7), and each file gets its own part."""
+    from jobs.embed import EMBEDDINGS, Embedder
+    from pipelines.clipstore import ClipStore
+    from pipelines.schema import CLIP_SCHEMA, embedding_schema
+
+    files = sorted(str(p) for p in setup["clips"].glob("*.parquet"))
+    carried = pa.schema([f for f in pq.read_schema(files[0]) if f.name not in CLIP_SCHEMA.names])
+    store = ClipStore(str(tmp_path / "emb"), kind=EMBEDDINGS)
+    store.create()
+    embedder = Embedder(setup["ckpt"], store, embedding_schema(setup["dim"], carried), batch_size=16, device="cpu")
+    sizes = []
+    forward = embedder.embed_rows
+    embedder.embed_rows = lambda rows: sizes.append(len(rows["clip_id"])) or forward(rows)
+    rows = embedder.embed_files(files)
+    assert sizes == [16, 11]
+    assert [r["status"] for r in rows] == ["ok"] * 7 and sum(r["clips"] for r in rows) == 27
+    assert len(store.list_parts(EMBEDDINGS)) == 7
+    mine = pq.read_table(tmp_path / "emb" / "embeddings").sort_by("clip_id")
+    theirs = pq.read_table(setup["emb"] / "embeddings").sort_by("clip_id")
+    assert mine.column("clip_id").to_pylist() == theirs.column("clip_id").to_pylist()
+    np.testing.assert_allclose(np.stack(mine.column("emb").to_numpy(zero_copy_only=False)),
+                               np.stack(theirs.column("emb").to_numpy(zero_copy_only=False)), atol=1e-5)
