@@ -85,6 +85,28 @@ def test_info_nce_equals_the_hand_computed_value_on_3x3():
     assert info_nce(a, a, torch.tensor(math.log(10.0))) < info_nce(a, a, torch.tensor(0.0))
 
 
+def test_info_nce_extra_negatives_count_in_the_a_to_b_direction_only():
+    a = torch.eye(2)
+    b = torch.eye(2)
+    extra = torch.tensor([[1.0, 0.0]])  # a copy of b's first row: a negative of every row of a
+    e = math.exp
+    a_to_b = [-math.log(e(1) / (e(1) + 1 + e(1))), -math.log(e(1) / (1 + e(1) + 1))]
+    b_to_a = [-math.log(e(1) / (e(1) + 1))] * 2
+    expected = 0.5 * (sum(a_to_b) / 2 + sum(b_to_a) / 2)
+    assert info_nce(a, b, torch.tensor(0.0), extra).item() == pytest.approx(expected, rel=1e-6)
+    cfg = RetrievalConfig(vocab=WORDS, reversed_negatives=True, pair_weights=(0.0, 0.0, 1.0))
+    torch.manual_seed(3)
+    model = JointEmbedder(cfg).eval()  # eval: batch norm does not mix the reversed rows with the others
+    frames, logmel, tokens = _inputs()
+    out = model(frames, logmel, tokens, reversed_audio=True)
+    assert out["audio_reversed"].shape == (B, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(out["audio_reversed"], model.encode_audio(logmel.flip(-1)), atol=1e-5, rtol=0)
+    loss = retrieval_loss(out, cfg)["loss"]
+    plain = info_nce(out["video"], out["audio"], out["logit_scale"])
+    assert loss.item() > plain.item()  # more negatives, a larger a -> b cross-entropy
+
+
 def test_temperature_is_clamped_and_the_pair_weights_apply():
     cfg = RetrievalConfig(vocab=WORDS, pair_weights=(0.0, 0.0, 1.0))
     model = JointEmbedder(cfg)
