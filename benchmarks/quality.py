@@ -42,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import write_section  # noqa: E402
+from models.retrieval import PRESETS as RET_PRESETS  # noqa: E402
 
 AVRAY = str(Path(sys.executable).parent / "avray")
 TASKS = ("localization", "separation", "captioning", "retrieval", "speech")
@@ -545,7 +546,8 @@ def main() -> None:
     ap.add_argument("--ret-lr", type=float, default=1e-3)
     ap.add_argument("--ret-batch-size", type=int, default=64,
                     help="default 64: InfoNCE's negatives are the batch's other clips")
-    ap.add_argument("--ret-size", type=int, default=32, help="frame side for retrieval (the tiny preset's 32 px)")
+    ap.add_argument("--ret-size", type=int, default=RET_PRESETS["tiny"].image_size,
+                    help="frame side for retrieval (default: the tiny preset's)")
     ap.add_argument("--speech-epochs", type=int, default=5)
     ap.add_argument("--torch-threads", type=int, default=2,
                     help="avray train --torch-threads (default 2: this machine's cores; Ray Data prepares "

@@ -1,8 +1,8 @@
 """Embedding and search benchmark: `avray embed` against the model's forward pass alone, and search
 latency exact vs approximate on 10^4, 10^5, 10^6 vectors with the approximate index's recall@10.
 
-(a) embed: synthetic scenes (`avray synth`, `avray preprocess` at 32 px (the tiny preset's), 8 fps, 2 s clips, made
-    once under bench-out/search/) embedded by `avray embed` on a local 2-CPU Ray (one model actor
+(a) embed: synthetic scenes (`avray synth`, `avray preprocess` at the tiny preset's frame size, 8 fps,
+    2 s clips, made once under bench-out/search/) embedded by `avray embed` on a local 2-CPU Ray (one model actor
     per CPU, 1 torch thread each), timed from the command's start with Ray already running;
     against the same tiny model's forward pass alone (encode_video + encode_audio) on the same
     clips, prepared in memory beforehand, in this process with 2 torch threads (both cores).
@@ -12,7 +12,8 @@ latency exact vs approximate on 10^4, 10^5, 10^6 vectors with the approximate in
     uniform random vectors are the worst case for any index and are not what a model gives).
     Queries: --queries vectors drawn like the data. Exact: pipelines.embedstore.top_k (one
     matrix product per query over the vectors); approximate: jobs.index.build_index (HNSW,
-    `avray index`'s default M and efSearch). p50 / p99 ms per single query, speed-up, recall@10 against exact.
+    `avray index`'s default M and efSearch). p50 / p99 ms per single query, speed-up, recall@10
+    against exact.
 
     python benchmarks/search.py --write BENCHMARKS.md
 """
@@ -31,22 +32,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import write_section  # noqa: E402
 from jobs.index import IndexConfig  # noqa: E402
+from models.retrieval import PRESETS  # noqa: E402
+
+SIZE, DIM = PRESETS["tiny"].image_size, PRESETS["tiny"].embed_dim  # the tiny preset's frame side and dimension
 
 
 def make_clips(work: Path, videos: int) -> Path:
-    """bench-out/search/data/clips: `videos` synthetic scenes of 4 s preprocessed at 32 px, 8 fps."""
+    """bench-out/search/data/clips: `videos` synthetic scenes of 4 s preprocessed at SIZE px, 8 fps."""
     from jobs.cli import main as cli
     from jobs.preprocess import PreprocessConfig, run
 
     stamp = work / "data.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == {"videos": videos, "size": 32} and (work / "data" / "clips").is_dir():
+    if stamp.exists() and json.loads(stamp.read_text()) == {"videos": videos, "size": SIZE} and (work / "data" / "clips").is_dir():
         return work / "data" / "clips"
     shutil.rmtree(work / "media", ignore_errors=True)
     shutil.rmtree(work / "data", ignore_errors=True)
     cli(["synth", "--out", str(work / "media"), "--videos", str(videos), "--seconds", "4", "--size", "64"])
-    run(PreprocessConfig(inputs=(str(work / "media" / "manifest.jsonl"),), out=str(work / "data"), size=32, fps=8.0,
+    run(PreprocessConfig(inputs=(str(work / "media" / "manifest.jsonl"),), out=str(work / "data"), size=SIZE, fps=8.0,
                          num_cpus=2))
-    stamp.write_text(json.dumps({"videos": videos, "size": 32}))
+    stamp.write_text(json.dumps({"videos": videos, "size": SIZE}))
     return work / "data" / "clips"
 
 
@@ -180,7 +184,7 @@ def main() -> None:
         finally:
             ray.shutdown()
         med = {k: statistics.median(r[k] for r in runs) for k in ("forward", "clips_per_s", "wall_s", "ratio")}
-        lines += [f"Embed: {runs[0]['clips']} clips ({a.videos} synthetic scenes of 4 s, 32 px, 8 fps), the tiny "
+        lines += [f"Embed: {runs[0]['clips']} clips ({a.videos} synthetic scenes of 4 s, {SIZE} px, 8 fps), the tiny "
                   f"retrieval preset, batch {a.batch_size}; medians of {a.runs} runs on 2 cores.", "",
                   "| | clips/s |", "|---|---|",
                   f"| model forward alone (encode_video + encode_audio, prepared batches in memory, 2 torch threads) | {med['forward']:.1f} |",
@@ -188,14 +192,15 @@ def main() -> None:
                   f"| ratio (target ≥ 0.8) | **{med['ratio']:.2f}** |", ""]
     res = []
     for n in a.sizes:
-        r = search_bench(n, 64, a.queries, a.clusters, a.spread)
+        r = search_bench(n, DIM, a.queries, a.clusters, a.spread)
         res.append(r)
         print(f"{n} vectors: exact p50 {r['exact_p50']:.2f} ms, HNSW p50 {r['approx_p50']:.3f} ms "
               f"({r['speedup']:.0f}x), recall@10 {r['recall_at_10']:.3f}, built in {r['build_s']:.1f} s", flush=True)
-    lines += [f"Search: 64-d unit vectors in {a.clusters} clusters (spread {a.spread:g}), {a.queries} single "
+    lines += [f"Search: {DIM}-d unit vectors in {a.clusters} clusters (spread {a.spread:g}), {a.queries} single "
               "queries drawn like the data; exact = one matrix product per query over memory (numpy, "
               "pipelines.embedstore.top_k); HNSW = FAISS IndexHNSWFlat, "
-              f"M {IndexConfig.hnsw_m}, efSearch {IndexConfig.ef_search} (`avray index`'s defaults); one core's worth of threads as numpy and FAISS choose on 2 cores.", "",
+              f"M {IndexConfig.hnsw_m}, efSearch {IndexConfig.ef_search} (`avray index`'s defaults); one core's "
+              "worth of threads as numpy and FAISS choose on 2 cores.", "",
               "| vectors | exact p50 / p99 ms | HNSW p50 / p99 ms | speed-up (p50) | recall@10 | HNSW build s |",
               "|---|---|---|---|---|---|"]
     for r in res:

@@ -6,9 +6,9 @@ embeddings, with its place in its source video and the manifest columns), error 
 (or files) that could not be embedded (OUT/errors/), OUT/_config.json (the checkpoint and its
 clip settings) and OUT/summary.json. Ray Data runs a pool of actors that each load the model once
 (on a GPU when the cluster has them); the clips of the files an actor takes go through the model
-in batches across files, so memory is bounded by a batch, never by the dataset. Parts are written atomically: a rerun skips the
-videos already done and never duplicates a row; a rerun with another checkpoint is refused
-(--overwrite starts over).
+in batches across files, so memory is bounded by a batch, never by the dataset. Parts are written
+atomically: a rerun skips the videos already done and never duplicates a row; a rerun with another
+checkpoint is refused (--overwrite starts over).
 
 example:
   avray train --task retrieval --data data/clips --out runs/ret --epochs 10
@@ -36,7 +36,8 @@ class EmbedConfig:
     data: str = field(metadata={"help": "clip Parquet folder (OUT/clips of avray preprocess)"})
     out: str = field(metadata={"help": "output folder: embeddings/, errors/, _config.json, summary.json", "short": "-o"})
     batch_size: int = field(default=64, metadata={"help": "clips per forward pass"})
-    files_per_task: int = field(default=32, metadata={"help": "clip files (videos) per Ray Data batch: their clips share forward passes"})
+    files_per_task: int = field(default=32, metadata={"help": "clip files (videos) per Ray Data batch: their clips "
+                                                                "share forward passes"})
     actors: int = field(default=0, metadata={"help": "model actors (0: one per GPU, else one per CPU)"})
     use_gpu: str = field(default="auto", metadata={"help": "auto: a GPU per actor when the cluster has them",
                                                    "choices": ("auto", "yes", "no")})

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.tasks.base import Answer, CaptionVocabulary, Option, Route, Task, channels_first, chunked, save_figure, to_model
+from jobs.tasks.base import (Answer, CaptionVocabulary, Option, Route, Task, channels_first, chunked, save_figure,
+                             to_model)
 from models.captioning import PRESETS, Captioner, CaptioningConfig, caption_loss
 from models.text import PAD, decode, encode_batch
 from models.caption_metrics import bleu4, cider, sounding_object_accuracy

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.tasks.base import Answer, CaptionVocabulary, RequestError, Route, Task, channels_first, joined, save_figure, to_model
-from models.retrieval import PRESETS, JointEmbedder, RetrievalConfig, fuse, retrieval_loss
+from jobs.tasks.base import (Answer, CaptionVocabulary, RequestError, Route, Task, channels_first, joined, save_figure,
+                             to_model)
+from models.retrieval import MAX_LOGIT_SCALE, PRESETS, JointEmbedder, RetrievalConfig, fuse, retrieval_loss
 from models.retrieval_metrics import retrieval_scores
 from models.text import PAD, decode, encode_batch, tokenize
 from pipelines.clipsettings import ClipSettings
@@ -113,7 +114,7 @@ class Retrieval(CaptionVocabulary, Task):
         offsets = sorted({int(round(n * f)) % n for f in np.linspace(0.25, 0.75, 8)} - {0})
         per = [retrieval_scores(e["audio"].roll(k, dims=0) @ e["video"].T) for k in offsets]
         res.update({f"shuffled_audio_to_video_{k}": float(np.mean([p[k] for p in per])) for k in per[0]})
-        res["temperature"] = float((-model.logit_scale.clamp(max=np.log(100.0))).exp())
+        res["temperature"] = float((-model.logit_scale.clamp(max=MAX_LOGIT_SCALE)).exp())
         return res
 
     @torch.no_grad()
