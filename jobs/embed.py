@@ -172,9 +172,13 @@ class Embedder:
                 columns = [c for c in dict.fromkeys([*get("retrieval").columns, *self.schema.names])
                            if c in pf.schema_arrow.names]
                 for rb in pf.iter_batches(batch_size=self.batch_size, columns=columns):
-                    pending.append((vid, path, pa.Table.from_batches([rb])))
-                    if sum(t.num_rows for _, _, t in pending) >= self.batch_size:
-                        flush()
+                    piece = pa.Table.from_batches([rb])
+                    while piece.num_rows:  # fill the batch exactly; the rest of the piece starts the next
+                        room = self.batch_size - sum(t.num_rows for _, _, t in pending)
+                        pending.append((vid, path, piece.slice(0, room)))
+                        piece = piece.slice(room)
+                        if room <= pending[-1][2].num_rows:
+                            flush()
             except Exception as e:  # noqa: BLE001 - a file that cannot be read (or breaks midway) is one error row
                 fail(vid, path, e)
         flush()
