@@ -43,7 +43,9 @@ class RetrievalConfig:
     `max_len`: token ids per text incl. <bos>/<eos>; `max_frames`: size of the video time embedding
     (frames after the stride); `frame_stride`: the video encoder sees frames 0, k, 2k, ...;
     `audio_steps`: the time steps the audio grid is pooled to; `pool_queries`: K of TemporalPool;
-    `temporal_layers`: self-attention layers over the time steps before pooling; `reversed_negatives`:
+    `temporal_layers`: self-attention layers over the time steps before pooling; `word2vec`: the task's
+    `fit` adds `word_vectors`, skip-gram vectors of the vocabulary over the training captions (one row
+    of text_dim per word; SPECIALS and unseen words all zeros: random), the word embeddings' start; `reversed_negatives`:
     train with each clip's audio played backwards as a negative of its video (`retrieval_loss`);
     `temperature`: tau at initialisation, learned when `learn_temperature`; `pair_weights`: the loss
     weight of each pair in PAIRS order (video-text, audio-text, video-audio); `image_size`: the
@@ -63,6 +65,8 @@ class RetrievalConfig:
     pool_queries: int = 4
     temporal_layers: int = 0
     reversed_negatives: bool = False
+    word2vec: bool = False
+    word_vectors: tuple[tuple[float, ...], ...] = ()
     temperature: float = 0.07
     learn_temperature: bool = True
     pair_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -79,6 +83,10 @@ class RetrievalConfig:
             raise ValueError(f"text_dim {self.text_dim} is not a multiple of text_heads {self.text_heads}")
         if not 0 < self.temperature <= 1:
             raise ValueError(f"temperature must be in (0, 1], got {self.temperature}")
+        if self.word_vectors and (len(self.word_vectors) != len(self.vocab)
+                                  or any(len(v) != self.text_dim for v in self.word_vectors)):
+            raise ValueError(f"word_vectors: one row of text_dim={self.text_dim} per word of the {len(self.vocab)}-word "
+                             f"vocab, got {len(self.word_vectors)} rows")
         if len(self.pair_weights) != len(PAIRS) or min(self.pair_weights) < 0 or sum(self.pair_weights) <= 0:
             raise ValueError(f"weights: one >= 0 per pair {PAIRS}, not all 0; got {self.pair_weights}")
 
@@ -88,6 +96,9 @@ PRESETS: dict[str, RetrievalConfig] = {
     # the video-audio pair weighted 4x, 32 px frames: held-out audio -> video R@1 after 7 min on one core
     # 0.20; 0.19 without the temporal layer; 0.12 at 64 px (2.6x slower a step); BENCHMARKS.md, retrieval.
     "tiny": RetrievalConfig(pool_queries=8, temporal_layers=1, pair_weights=(1.0, 1.0, 4.0), image_size=32),
+    # the same, its word embeddings initialised by skip-gram vectors of the training captions (`word2vec`)
+    "tiny-word2vec": RetrievalConfig(pool_queries=8, temporal_layers=1, pair_weights=(1.0, 1.0, 4.0), image_size=32,
+                                     word2vec=True),
     # ResNet-18 visual trunk at 224 px (local ImageNet weights via `visual.weights`), ResNet-18 audio,
     # a 4-layer text transformer, D = 256: for a GPU.
     "paper": RetrievalConfig(
@@ -139,6 +150,11 @@ class JointEmbedder(nn.Module):
         self.audio_pool = TemporalPool(self.audio.out_dim, cfg.audio_steps, K, cfg.temporal_layers)
         self.audio_proj = nn.Linear(K * self.audio.out_dim, D)
         self.word_embed = nn.Embedding(len(cfg.vocab), E, padding_idx=PAD)
+        if cfg.word_vectors:  # skip-gram initialisation: the rows that are not all zeros
+            with torch.no_grad():
+                init = torch.tensor(cfg.word_vectors, dtype=self.word_embed.weight.dtype)  # (V, E)
+                known = init.abs().sum(dim=1) > 0
+                self.word_embed.weight[known] = init[known]
         self.pos_embed = nn.Embedding(cfg.max_len, E)
         layer = nn.TransformerEncoderLayer(E, cfg.text_heads, dim_feedforward=2 * E, dropout=0.1, batch_first=True)
         self.text = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)

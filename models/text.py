@@ -63,3 +63,30 @@ def decode(ids: Sequence[int] | torch.Tensor, vocab: tuple[str, ...]) -> str:
         if i >= len(SPECIALS):
             words.append(vocab[i])
     return " ".join(words)
+
+
+def skipgram_vectors(captions: Iterable[str], vocab: tuple[str, ...], dim: int, *, epochs: int = 20,
+                     window: int = 5, seed: int = 0) -> tuple[tuple[float, ...], ...]:
+    """Skip-gram word2vec (gensim, negative sampling, one worker: deterministic for a seed) over
+    the tokenized captions -> one vector of `dim` per word of `vocab`, rows in vocab order, scaled
+    centred per dimension and scaled to a standard deviation of 1 (as nn.Embedding's
+    initialisation). The SPECIALS' rows, and those
+    of words absent from `captions`, are left to the model's random initialisation: all zeros here."""
+    import zlib
+
+    import numpy as np
+    from gensim.models import Word2Vec
+
+    sentences = [tokenize(c) for c in captions]
+    sentences = [s for s in sentences if s]
+    if not sentences:
+        raise ValueError("skip-gram needs at least one caption with a word")
+    w2v = Word2Vec(sentences, vector_size=dim, window=window, min_count=1, sg=1, negative=5, epochs=epochs,
+                   workers=1, seed=seed, hashfxn=lambda w: zlib.crc32(w.encode()))
+    out = np.zeros((len(vocab), dim), np.float64)
+    known = [i for i, w in enumerate(vocab) if i >= len(SPECIALS) and w in w2v.wv.key_to_index]
+    if known:
+        vecs = np.stack([w2v.wv[vocab[i]] for i in known]).astype(np.float64)
+        vecs -= vecs.mean(axis=0)  # centred per dimension, then one scale for all
+        out[known] = vecs / max(float(vecs.std()), 1e-12)
+    return tuple(tuple(float(round(x, 6)) for x in row) for row in out)

@@ -1,6 +1,7 @@
 """Joint embedding: shapes and unit norms, symmetric InfoNCE against a hand computation, the
 learned temperature, retrieval metrics on constructed similarity matrices, and a tiny training
 run in which matched pairs come to outrank shuffled ones."""
+import itertools
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from models.retrieval import (MAX_LOGIT_SCALE, PRESETS, JointEmbedder, RetrievalConfig, TemporalPool, fuse,
                               info_nce, retrieval_loss)
 from models.retrieval_metrics import ranks, retrieval_scores
-from models.text import SPECIALS, encode_batch
+from models.text import SPECIALS, encode_batch, skipgram_vectors
 
 B, T, H, W, M, N = 3, 5, 37, 37, 64, 41
 WORDS = SPECIALS + ("red", "blue", "circle", "square", "hums", "clicks")
@@ -158,3 +159,51 @@ def test_tiny_training_matches_pairs_above_chance():
         out = model(frames, logmel, tokens)
     assert retrieval_scores(out["audio"] @ out["video"].T)["r1"] == 1.0
     assert retrieval_scores(out["text"] @ out["video"].T)["r1"] == 1.0
+
+
+def test_skipgram_vectors_place_words_of_the_same_contexts_together_and_initialise_the_text_encoder():
+    # two families of captions: red/crimson things on the left/right hum or talk, blue/navy ones in
+    # the centre/middle click or hiss
+    captions = 10 * ([f"a {c} {s} on the {p} {v}" for c, s, p, v in itertools.product(
+        ["red", "crimson"], ["circle", "triangle"], ["left", "right"], ["hums", "talks"])]
+        + [f"a {c} {s} in the {p} {v}" for c, s, p, v in itertools.product(
+            ["blue", "navy"], ["square", "star"], ["centre", "middle"], ["clicks", "hisses"])])
+    vocab = SPECIALS + tuple(sorted({w for c in captions for w in c.split()})) + ("unseen",)
+    vecs = skipgram_vectors(captions, vocab, 16, epochs=50)
+    again = skipgram_vectors(captions, vocab, 16, epochs=50)
+    assert vecs == again  # deterministic for a seed
+    v = torch.tensor(vecs)
+    assert v.shape == (len(vocab), 16)
+    assert torch.count_nonzero(v[: len(SPECIALS)]) == 0 and torch.count_nonzero(v[-1]) == 0  # specials, unseen
+    assert v[len(SPECIALS):-1].std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
+
+    def cos(a: str, b: str) -> float:
+        return torch.nn.functional.cosine_similarity(v[vocab.index(a)], v[vocab.index(b)], dim=0).item()
+
+    # words said in the same contexts (substitutes) come out closer than words of the other captions
+    assert cos("red", "crimson") > max(cos("red", "blue"), cos("red", "navy")) + 0.5
+    assert cos("blue", "navy") > max(cos("blue", "red"), cos("blue", "crimson")) + 0.5
+
+    torch.manual_seed(0)
+    plain = JointEmbedder(RetrievalConfig(vocab=vocab, text_dim=16, text_heads=4)).word_embed.weight
+    torch.manual_seed(0)
+    model = JointEmbedder(RetrievalConfig(vocab=vocab, text_dim=16, text_heads=4, word_vectors=vecs))
+    w = model.word_embed.weight.detach()
+    torch.testing.assert_close(w[len(SPECIALS):-1], v[len(SPECIALS):-1].float())
+    torch.testing.assert_close(w[-1], plain[-1].detach())  # no vector: the random initialisation
+    assert torch.count_nonzero(w[0]) == 0  # <pad> stays zero
+    with pytest.raises(ValueError, match="word_vectors: one row of text_dim=16 per word of the 25-word vocab, got 3 rows"):
+        RetrievalConfig(vocab=vocab, text_dim=16, text_heads=4, word_vectors=vecs[:3])
+
+
+def test_the_word2vec_preset_fits_vectors_with_its_vocabulary():
+    from jobs.tasks import get
+
+    task = get("retrieval")
+    captions = ["a red circle on the left hums", "a blue square on the right clicks"] * 20
+    read = lambda cols: {"video_id": [f"v{i}" for i in range(len(captions))], "caption": captions}  # noqa: E731
+    plain = task.fit(PRESETS["tiny"], read)
+    fitted = task.fit(PRESETS["tiny-word2vec"], read)
+    assert plain.word_vectors == () and fitted.vocab == plain.vocab and len(fitted.vocab) == len(SPECIALS) + 11
+    assert len(fitted.word_vectors) == len(fitted.vocab) and {len(v) for v in fitted.word_vectors} == {64}
+    assert JointEmbedder(fitted).word_embed.weight.shape == (len(SPECIALS) + 11, 64)

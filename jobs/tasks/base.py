@@ -199,7 +199,11 @@ class CaptionVocabulary:
         vocab = build_vocab(captions)
         logging.getLogger(type(self).__module__).info("vocabulary: %d words from %d training captions",
                                                       len(vocab), len(captions))
-        return dataclasses.replace(cfg, vocab=vocab)
+        return self.fit_words(dataclasses.replace(cfg, vocab=vocab), captions)
+
+    def fit_words(self, cfg: Any, captions: list[str]) -> Any:
+        """What else a task fits on the training captions once its vocabulary is set (nothing here)."""
+        return cfg
 
 
 def save_figure(fig: Any, path: str) -> None:

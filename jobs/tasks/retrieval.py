@@ -11,6 +11,7 @@ served route embeds a text or an upload.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable
 
 import numpy as np
@@ -21,7 +22,7 @@ from jobs.tasks.base import (Answer, CaptionVocabulary, RequestError, Route, Tas
                              to_model)
 from models.retrieval import MAX_LOGIT_SCALE, PRESETS, JointEmbedder, RetrievalConfig, fuse, retrieval_loss
 from models.retrieval_metrics import retrieval_scores
-from models.text import PAD, decode, encode_batch, tokenize
+from models.text import PAD, decode, encode_batch, skipgram_vectors, tokenize
 from pipelines.clipsettings import ClipSettings
 from pipelines.groundtruth import clip_captions
 from pipelines.schema import decode_clip_batch
@@ -61,6 +62,13 @@ class Retrieval(CaptionVocabulary, Task):
         "/v1/embed", upload="video or sound (or send `text` instead)", needs_audio=False, audio_ok=True, text=True,
         summary="Embeddings in the joint space: of a text (form field `text`), or of each clip of an upload "
                 "(video, audio and the fused clip embedding).")
+
+    def fit_words(self, cfg: RetrievalConfig, captions: list[str]) -> RetrievalConfig:
+        """With `cfg.word2vec`, skip-gram vectors of the vocabulary's words over the training
+        captions (models.text.skipgram_vectors) initialise the text encoder's word embeddings."""
+        if not cfg.word2vec:
+            return cfg
+        return dataclasses.replace(cfg, word_vectors=skipgram_vectors(captions, cfg.vocab, cfg.text_dim))
 
     def prepare(self, batch: dict[str, Any], cfg: RetrievalConfig, targets: bool = True) -> dict[str, np.ndarray]:
         """-> frames uint8 (B, T, 3, H, W), logmel float (B, M, N) and, with `targets`, tokens int64
