@@ -22,7 +22,7 @@ things happen, not only what is seen or heard. That is what tells two clips of o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +43,10 @@ class RetrievalConfig:
     `max_len`: token ids per text incl. <bos>/<eos>; `max_frames`: size of the video time embedding
     (frames after the stride); `frame_stride`: the video encoder sees frames 0, k, 2k, ...;
     `audio_steps`: the time steps the audio grid is pooled to; `pool_queries`: K of TemporalPool;
-    `temporal_layers`: self-attention layers over the time steps before pooling; `word2vec`: the task's
-    `fit` adds `word_vectors`, skip-gram vectors of the vocabulary over the training captions (one row
-    of text_dim per word; SPECIALS and unseen words all zeros: random), the word embeddings' start; `reversed_negatives`:
-    train with each clip's audio played backwards as a negative of its video (`retrieval_loss`);
+    `temporal_layers`: self-attention layers over the time steps before pooling; `word2vec`: the
+    task's `fit` adds `word_vectors`, skip-gram vectors of the vocabulary over the training captions
+    (one row of text_dim per word; SPECIALS and unseen words all zeros: random), the word embeddings'
+    start; `reversed_negatives`: train with each clip's audio played backwards as a negative of its video (`retrieval_loss`);
     `temperature`: tau at initialisation, learned when `learn_temperature`; `pair_weights`: the loss
     weight of each pair in PAIRS order (video-text, audio-text, video-audio); `image_size`: the
     frame side the data pipeline resizes to (the model accepts any size)."""
@@ -91,14 +91,14 @@ class RetrievalConfig:
             raise ValueError(f"weights: one >= 0 per pair {PAIRS}, not all 0; got {self.pair_weights}")
 
 
+_TINY = RetrievalConfig(pool_queries=8, temporal_layers=1, pair_weights=(1.0, 1.0, 4.0), image_size=32)
 PRESETS: dict[str, RetrievalConfig] = {
     # 0.37 M parameters (with 40 words). 8 pooling queries and a temporal self-attention layer on each side,
     # the video-audio pair weighted 4x, 32 px frames: held-out audio -> video R@1 after 7 min on one core
     # 0.20; 0.19 without the temporal layer; 0.12 at 64 px (2.6x slower a step); BENCHMARKS.md, retrieval.
-    "tiny": RetrievalConfig(pool_queries=8, temporal_layers=1, pair_weights=(1.0, 1.0, 4.0), image_size=32),
+    "tiny": _TINY,
     # the same, its word embeddings initialised by skip-gram vectors of the training captions (`word2vec`)
-    "tiny-word2vec": RetrievalConfig(pool_queries=8, temporal_layers=1, pair_weights=(1.0, 1.0, 4.0), image_size=32,
-                                     word2vec=True),
+    "tiny-word2vec": replace(_TINY, word2vec=True),
     # ResNet-18 visual trunk at 224 px (local ImageNet weights via `visual.weights`), ResNet-18 audio,
     # a 4-layer text transformer, D = 256: for a GPU.
     "paper": RetrievalConfig(
