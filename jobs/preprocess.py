@@ -40,6 +40,8 @@ class PreprocessConfig:
     max_pixels: int = field(default=3840 * 2160, metadata={"help": "larger videos become error rows"})
     max_seconds: float = field(default=4 * 3600.0, metadata={"help": "longer videos become error rows"})
     allow_scheme: tuple[str, ...] = field(default=(), metadata={"help": "URI schemes to open besides local files (http, https, rtmp)"})
+    seek: str = field(default="auto", metadata={"help": "seek path: decode only the frames the sampled instants show (exactly the frames of a full decode); auto: when the source rate is >= 4x --fps (mp4/mov/mkv/webm files); never: decode every frame", "choices": ("auto", "always", "never")})
+    keyframes_only: bool = field(default=False, metadata={"help": "decode keyframes only: each sampled instant shows the latest keyframe at or before it, APPROXIMATE in time (off by up to a keyframe interval); much faster at low --fps"})
     batch_clips: int = field(default=8, metadata={"help": "clips per log-mel batch and Parquet row group"})
     address: str | None = field(default=None, metadata={"help": "Ray address (default: RAY_ADDRESS, else start a local Ray)"})
     num_cpus: int | None = field(default=None, metadata={"help": "CPUs of the local Ray it starts (default: all)"})
@@ -55,7 +57,8 @@ def _ingest_config(cfg: PreprocessConfig):
 
     clip = ClipSettings.from_fields(cfg)
     decode = clip.decode_config(max_pixels=cfg.max_pixels, max_seconds=cfg.max_seconds,
-                                allowed_schemes=tuple(cfg.allow_scheme))
+                                allowed_schemes=tuple(cfg.allow_scheme), seek=cfg.seek,
+                                keyframes_only=cfg.keyframes_only)
     return clip, IngestConfig(decode=decode, spectrogram=clip.spectrogram_config(), batch_clips=cfg.batch_clips)
 
 

@@ -4,8 +4,9 @@
                                                    ──avray serve reads──▶ uploads decoded exactly so
 
 `ClipSettings` holds the settings that change a clip's content (span, frames, audio, log-mel);
-limits (pixels, duration, URI schemes) and threading are per run and live in `DecodeConfig`
-only. `to_dict` / `from_dict` are its one serialised form (plain JSON types, the keys of
+limits (pixels, duration, URI schemes), threading and the seek path (`seek`: the same frames,
+decoded faster; `keyframes_only`: a per-run speed/accuracy trade) are per run and live in
+`DecodeConfig` only. `to_dict` / `from_dict` are its one serialised form (plain JSON types, the keys of
 _config.json besides `carried_columns`).
 """
 
@@ -44,7 +45,7 @@ class ClipSettings:
 
     def decode_config(self, **run: Any) -> DecodeConfig:
         """The decoder settings that make such clips; `run`: per-run DecodeConfig fields
-        (max_pixels, max_seconds, threads, allowed_schemes)."""
+        (max_pixels, max_seconds, threads, allowed_schemes, seek, keyframes_only)."""
         return DecodeConfig(clip_seconds=self.clip_seconds, hop_seconds=self.hop_seconds, fps=self.fps,
                             size=self.size, resize=self.resize, sample_rate=self.sample_rate, **run)
 
