@@ -5,14 +5,15 @@ latency exact vs approximate on 10^4, 10^5, 10^6 vectors with the approximate in
     2 s clips, made once under bench-out/search/) embedded by `avray embed` on a local 2-CPU Ray (one model actor
     per CPU, 1 torch thread each), timed from the command's start with Ray already running;
     against the same tiny model's forward pass alone (encode_video + encode_audio) on the same
-    clips, prepared in memory beforehand, in this process with 2 torch threads (both cores).
+    clips, prepared in memory beforehand, in this process with 2 torch threads (both cores) and
+    glibc's allocator set as in the actors (jobs.embed.keep_freed_memory).
     Ratio = embed clips/s / forward clips/s (target >= 0.8). Median of --runs.
 (b) search: N unit vectors (D = 64, the tiny preset's) in --clusters clusters (a random centre
     each, plus Gaussian noise of --spread, normalised: embeddings of a dataset cluster by content;
     uniform random vectors are the worst case for any index and are not what a model gives).
     Queries: --queries vectors drawn like the data. Exact: pipelines.embedstore.top_k (one
-    matrix product per query over the vectors); approximate: jobs.index.build_index (HNSW,
-    `avray index`'s default M and efSearch). p50 / p99 ms per single query, speed-up, recall@10
+    matrix product per query over the vectors); approximate: jobs.index.build_index, both kinds
+    (HNSW and IVF, `avray index`'s defaults). p50 / p99 ms per single query, speed-up, recall@10
     against exact.
 
     python benchmarks/search.py --write BENCHMARKS.md
@@ -37,21 +38,24 @@ from models.retrieval import PRESETS  # noqa: E402
 SIZE, DIM = PRESETS["tiny"].image_size, PRESETS["tiny"].embed_dim  # the tiny preset's frame side and dimension
 
 
-def make_clips(work: Path, videos: int) -> Path:
-    """bench-out/search/data/clips: `videos` synthetic scenes of 4 s preprocessed at SIZE px, 8 fps."""
+def make_clips(work: Path, videos: int, seconds: float) -> Path:
+    """bench-out/search/data-<videos>x<seconds>s/clips: `videos` synthetic scenes of `seconds` s
+    preprocessed at SIZE px, 8 fps, 2 s clips (made once, then reused)."""
     from jobs.cli import main as cli
     from jobs.preprocess import PreprocessConfig, run
 
-    stamp = work / "data.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == {"videos": videos, "size": SIZE} and (work / "data" / "clips").is_dir():
-        return work / "data" / "clips"
-    shutil.rmtree(work / "media", ignore_errors=True)
-    shutil.rmtree(work / "data", ignore_errors=True)
-    cli(["synth", "--out", str(work / "media"), "--videos", str(videos), "--seconds", "4", "--size", "64"])
-    run(PreprocessConfig(inputs=(str(work / "media" / "manifest.jsonl"),), out=str(work / "data"), size=SIZE, fps=8.0,
-                         num_cpus=2))
-    stamp.write_text(json.dumps({"videos": videos, "size": SIZE}))
-    return work / "data" / "clips"
+    name = f"data-{videos}x{seconds:g}s"
+    stamp, made = work / f"{name}.json", {"videos": videos, "seconds": seconds, "size": SIZE}
+    if stamp.exists() and json.loads(stamp.read_text()) == made and (work / name / "clips").is_dir():
+        return work / name / "clips"
+    shutil.rmtree(work / f"media-{name}", ignore_errors=True)
+    shutil.rmtree(work / name, ignore_errors=True)
+    cli(["synth", "--out", str(work / f"media-{name}"), "--videos", str(videos), "--seconds", f"{seconds:g}",
+         "--size", "64"])
+    run(PreprocessConfig(inputs=(str(work / f"media-{name}" / "manifest.jsonl"),), out=str(work / name), size=SIZE,
+                         fps=8.0, num_cpus=2))
+    stamp.write_text(json.dumps(made))
+    return work / name / "clips"
 
 
 def tiny_checkpoint(work: Path, clips: Path) -> str:
@@ -78,10 +82,11 @@ def forward_alone(ckpt: str, clips: Path, batch_size: int, threads: int) -> floa
     import torch
 
     from jobs.data import numpy_batches
-    from jobs.embed import Embedder
+    from jobs.embed import Embedder, keep_freed_memory
     from jobs.tasks import get
     from jobs.tasks.base import as_tensors, to_model
 
+    keep_freed_memory()  # the allocator setting avray embed's CPU actors run with
     torch.set_num_threads(threads)
     model = Embedder(ckpt, None, None, batch_size, "cpu").model
     torch.set_num_threads(threads)
@@ -89,7 +94,7 @@ def forward_alone(ckpt: str, clips: Path, batch_size: int, threads: int) -> floa
     staged = [to_model(as_tensors(task.prepare(b, model.cfg, targets=False)))
               for b in numpy_batches(str(clips), list(task.columns), batch_size)]
     n = sum(len(b["frames"]) for b in staged)
-    with torch.no_grad():
+    with torch.inference_mode():
         model.encode_video(staged[0]["frames"])  # warm-up
         t0 = time.perf_counter()
         for b in staged:
@@ -120,7 +125,12 @@ def clustered(n: int, d: int, clusters: int, spread: float, seed: int):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def search_bench(n: int, d: int, queries: int, clusters: int, spread: float) -> dict:
+KINDS = ("hnsw", "ivf")
+
+
+def search_bench(n: int, d: int, queries: int, clusters: int, spread: float) -> list[dict]:
+    """One row per index kind of KINDS (`avray index`'s defaults), each query timed exact and
+    approximate back to back."""
     import numpy as np
 
     from jobs.index import IndexConfig, build_index
@@ -128,29 +138,33 @@ def search_bench(n: int, d: int, queries: int, clusters: int, spread: float) -> 
 
     x = clustered(n, d, clusters, spread, seed=1)
     q = clustered(queries, d, clusters, spread, seed=2)  # another draw: not the stored vectors
-    t0 = time.perf_counter()
-    index = build_index(x, IndexConfig(emb="-"))
-    build = time.perf_counter() - t0
-    exact_ms, approx_ms, hits = [], [], []
-    for v in q:
-        t0 = time.perf_counter()
-        _, e = top_k(v[None], x, 10)
-        t1 = time.perf_counter()
-        _, a = index.search(v[None], 10)
-        t2 = time.perf_counter()
-        exact_ms.append((t1 - t0) * 1000)
-        approx_ms.append((t2 - t1) * 1000)
-        hits.append(len(set(e[0].tolist()) & set(a[0].tolist())) / 10)
     pct = lambda xs, p: float(np.percentile(xs, p))  # noqa: E731
-    return {"n": n, "build_s": build, "exact_p50": pct(exact_ms, 50), "exact_p99": pct(exact_ms, 99),
-            "approx_p50": pct(approx_ms, 50), "approx_p99": pct(approx_ms, 99),
-            "speedup": pct(exact_ms, 50) / pct(approx_ms, 50), "recall_at_10": float(np.mean(hits))}
+    rows = []
+    for kind in KINDS:
+        t0 = time.perf_counter()
+        index = build_index(x, IndexConfig(emb="-", kind=kind))
+        build = time.perf_counter() - t0
+        exact_ms, approx_ms, hits = [], [], []
+        for v in q:
+            t0 = time.perf_counter()
+            _, e = top_k(v[None], x, 10)
+            t1 = time.perf_counter()
+            _, a = index.search(v[None], 10)
+            t2 = time.perf_counter()
+            exact_ms.append((t1 - t0) * 1000)
+            approx_ms.append((t2 - t1) * 1000)
+            hits.append(len(set(e[0].tolist()) & set(a[0].tolist())) / 10)
+        rows.append({"n": n, "kind": kind, "build_s": build, "exact_p50": pct(exact_ms, 50),
+                     "exact_p99": pct(exact_ms, 99), "approx_p50": pct(approx_ms, 50), "approx_p99": pct(approx_ms, 99),
+                     "speedup": pct(exact_ms, 50) / pct(approx_ms, 50), "recall_at_10": float(np.mean(hits))})
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=str(ROOT / "bench-out" / "search"))
-    ap.add_argument("--videos", type=int, default=300, help="scenes for the embed benchmark (2 clips each)")
+    ap.add_argument("--videos", type=int, default=600, help="scenes for the embed benchmark")
+    ap.add_argument("--seconds", type=float, default=20.0, help="seconds per scene (2 s clips: seconds / 2 a scene)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -169,7 +183,7 @@ def main() -> None:
 
         from jobs.data import keep_idle_workers
 
-        clips = make_clips(work, a.videos)
+        clips = make_clips(work, a.videos, a.seconds)
         ckpt = tiny_checkpoint(work, clips)
         keep_idle_workers()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -184,7 +198,7 @@ def main() -> None:
         finally:
             ray.shutdown()
         med = {k: statistics.median(r[k] for r in runs) for k in ("forward", "clips_per_s", "wall_s", "ratio")}
-        lines += [f"Embed: {runs[0]['clips']} clips ({a.videos} synthetic scenes of 4 s, {SIZE} px, 8 fps), the tiny "
+        lines += [f"Embed: {runs[0]['clips']} clips ({a.videos} synthetic scenes of {a.seconds:g} s, {SIZE} px, 8 fps), the tiny "
                   f"retrieval preset, batch {a.batch_size}; medians of {a.runs} runs on 2 cores.", "",
                   "| | clips/s |", "|---|---|",
                   f"| model forward alone (encode_video + encode_audio, prepared batches in memory, 2 torch threads) | {med['forward']:.1f} |",
@@ -192,19 +206,20 @@ def main() -> None:
                   f"| ratio (target ≥ 0.8) | **{med['ratio']:.2f}** |", ""]
     res = []
     for n in a.sizes:
-        r = search_bench(n, DIM, a.queries, a.clusters, a.spread)
-        res.append(r)
-        print(f"{n} vectors: exact p50 {r['exact_p50']:.2f} ms, HNSW p50 {r['approx_p50']:.3f} ms "
-              f"({r['speedup']:.0f}x), recall@10 {r['recall_at_10']:.3f}, built in {r['build_s']:.1f} s", flush=True)
+        for r in search_bench(n, DIM, a.queries, a.clusters, a.spread):
+            res.append(r)
+            print(f"{n} vectors: exact p50 {r['exact_p50']:.2f} ms, {r['kind']} p50 {r['approx_p50']:.3f} ms "
+                  f"({r['speedup']:.0f}x), recall@10 {r['recall_at_10']:.3f}, built in {r['build_s']:.1f} s", flush=True)
     lines += [f"Search: {DIM}-d unit vectors in {a.clusters} clusters (spread {a.spread:g}), {a.queries} single "
               "queries drawn like the data; exact = one matrix product per query over memory (numpy, "
-              "pipelines.embedstore.top_k); HNSW = FAISS IndexHNSWFlat, "
-              f"M {IndexConfig.hnsw_m}, efSearch {IndexConfig.ef_search} (`avray index`'s defaults); one core's "
-              "worth of threads as numpy and FAISS choose on 2 cores.", "",
-              "| vectors | exact p50 / p99 ms | HNSW p50 / p99 ms | speed-up (p50) | recall@10 | HNSW build s |",
-              "|---|---|---|---|---|---|"]
+              "pipelines.embedstore.top_k); hnsw = FAISS IndexHNSWFlat, "
+              f"M {IndexConfig.hnsw_m}, efSearch {IndexConfig.ef_search}; ivf = FAISS IndexIVFFlat, 4 sqrt(N) "
+              f"cells, nprobe {IndexConfig.nprobe} (`avray index`'s defaults); the threads numpy and FAISS "
+              "choose on 2 cores. Exact and approximate are timed back to back per query.", "",
+              "| vectors | index | exact p50 / p99 ms | approximate p50 / p99 ms | speed-up (p50) | recall@10 | build s |",
+              "|---|---|---|---|---|---|---|"]
     for r in res:
-        lines.append(f"| {r['n']:,} | {r['exact_p50']:.2f} / {r['exact_p99']:.2f} | {r['approx_p50']:.3f} / "
+        lines.append(f"| {r['n']:,} | {r['kind']} | {r['exact_p50']:.2f} / {r['exact_p99']:.2f} | {r['approx_p50']:.3f} / "
                      f"{r['approx_p99']:.3f} | **{r['speedup']:.1f}x** | **{r['recall_at_10']:.3f}** | {r['build_s']:.1f} |")
     md = "\n".join(lines)
     print(md)

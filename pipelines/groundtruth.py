@@ -82,10 +82,16 @@ def clip_captions_or_none(batch: dict[str, Any]) -> list[str | None]:
     has one (synthetic scenes), else the carried `caption` column (e.g. a dataset manifest), else None."""
     gts = batch.get("ground_truth")
     caps = batch.get("caption")
+    parsed: dict[str, Any] = {}  # every clip of a scene carries its JSON: parse it once per batch
     out: list[str | None] = []
     for i in range(len(batch["video_id"])):
         if gts is not None and gts[i] is not None:
-            out.append(clip_caption(gts[i], float(batch["start_s"][i]), float(batch["end_s"][i])))
+            gt = gts[i]
+            if isinstance(gt, str):
+                if gt not in parsed:
+                    parsed[gt] = json.loads(gt)
+                gt = parsed[gt]
+            out.append(clip_caption(gt, float(batch["start_s"][i]), float(batch["end_s"][i])))
         else:
             out.append(str(caps[i]) if caps is not None and caps[i] is not None else None)
     return out

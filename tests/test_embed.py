@@ -246,5 +246,7 @@ def test_clips_of_several_files_share_forward_passes(setup, tmp_path):
     mine = pq.read_table(tmp_path / "emb" / "embeddings").sort_by("clip_id")
     theirs = pq.read_table(setup["emb"] / "embeddings").sort_by("clip_id")
     assert mine.column("clip_id").to_pylist() == theirs.column("clip_id").to_pylist()
+    assert mine.column("caption").to_pylist() == theirs.column("caption").to_pylist()
+    assert sum(c is not None for c in mine.column("caption").to_pylist()) == 20  # the 5 scenes x 4 clips; copies: none
     np.testing.assert_allclose(np.stack(mine.column("emb").to_numpy(zero_copy_only=False)),
                                np.stack(theirs.column("emb").to_numpy(zero_copy_only=False)), atol=1e-5)

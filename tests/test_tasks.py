@@ -237,3 +237,25 @@ def test_checkpoints_without_clip_settings_are_not_served_and_clips_without_them
     (tmp_path / "data" / "clips").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="_config.json: avray train needs the clip settings"):
         run(TrainConfig(task="localization", data=str(tmp_path / "data" / "clips"), out=str(tmp_path / "run")))
+
+
+def test_loading_a_checkpoint_imports_only_its_own_task(tmp_path):
+    """builders() imports a task's module when its entry is read: an `avray embed` actor loading a
+    retrieval checkpoint does not import separation's torchmetrics and scipy."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from jobs.tasks import get, load_checkpoint
+from models.checkpoint import save_checkpoint
+t = get("retrieval")
+save_checkpoint({str(tmp_path / "r.pt")!r}, "retrieval", t.model(t.presets["tiny"]), t.presets["tiny"], extra={{"epoch": 0}})
+model, _ = load_checkpoint({str(tmp_path / "r.pt")!r}, task="retrieval")
+print(type(model).__name__, sorted(m for m in sys.modules if m.startswith("jobs.tasks.")), "torchmetrics" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split("\n")[-2]
+    assert out == "JointEmbedder ['jobs.tasks.base', 'jobs.tasks.retrieval'] False"
+    with pytest.raises(KeyError, match="nope"):
+        builders()["nope"]
