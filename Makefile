@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= demo
 
-.PHONY: demo serve test bench-ingest bench-train bench-serve bench-search clean
+.PHONY: demo serve test bench-ingest bench-ingest-720p bench-train bench-serve bench-search clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ test: $(STAMP)
 
 bench-ingest: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py --runs 3 --write BENCHMARKS.md
+
+bench-ingest-720p: $(STAMP)  # needs the ffmpeg CLI (apt-get install ffmpeg)
+	$(BIN)/python benchmarks/ingest.py --set 720p60 --runs 3 --write BENCHMARKS.md
 
 bench-train: $(STAMP)
 	$(BIN)/python benchmarks/train.py --runs 3 --write BENCHMARKS.md

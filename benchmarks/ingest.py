@@ -14,6 +14,10 @@ the real videos in ../shared/media/video):
   with one thread) x 2 cores; and peak memory (PSS summed over the driver and every Ray
   process) of (b) for 10 vs 100 input videos.
 
+With --set 720p60: issue 19's 8 files of 60 s 720p30 (made by the ffmpeg CLI), against the
+two-ffmpeg decode ceiling: Pool(2), `avray preprocess` warm and cold at 8 fps, a 2-file job, and
+1 fps with every frame decoded, the seek path and keyframes only (section 'ingest-720p').
+
 Each timing is the median of --runs runs. Results are printed as Markdown and, with
 --write BENCHMARKS.md, replace the section between the ingest markers there.
 
@@ -172,12 +176,103 @@ def _warm(_: int) -> None:
     import pipelines.ingest  # noqa: F401  (torch, av, pyarrow)
 
 
-def run_ray(files: list[Path], out: Path, size: int, fps: float) -> float:
+def run_ray(files: list[Path], out: Path, size: int, fps: float, **decode) -> float:
+    """`avray preprocess` (jobs.preprocess.run) into a fresh `out`; `decode`: seek, keyframes_only."""
     from jobs.preprocess import PreprocessConfig, run
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    run(PreprocessConfig(inputs=tuple(str(f) for f in files), out=str(out), size=size, fps=fps))
+    run(PreprocessConfig(inputs=tuple(str(f) for f in files), out=str(out), size=size, fps=fps, **decode))
     return time.perf_counter() - t0
+
+
+ISSUE_SET = ("-f lavfi -i testsrc2=s=1280x720:r=30:d={d} -f lavfi -i sine=f={f}:r=44100:d={d} -c:v libx264 "
+             "-preset veryfast -g 60 -pix_fmt yuv420p -c:a aac -ac 2")
+
+
+def make_issue_set(dst: Path, files: int, seconds: int) -> list[Path]:
+    """`files` files of `seconds` s of 720p30 H.264 (keyframe every 2 s) + AAC stereo, made by the
+    ffmpeg CLI with ISSUE_SET (a tone of its own per file)."""
+    if not shutil.which("ffmpeg"):
+        raise SystemExit("the 720p set needs the ffmpeg CLI: apt-get install ffmpeg")
+    dst.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(files):
+        path = dst / f"testsrc2_720p30_{seconds}s_{i:02d}.mp4"
+        if not path.exists():
+            tmp = path.with_suffix(".part.mp4")
+            subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", *ISSUE_SET.format(d=seconds, f=300 + 50 * i).split(),
+                            str(tmp)], check=True, stdin=subprocess.DEVNULL)
+            tmp.rename(path)
+        out.append(path)
+    return out
+
+
+def two_ffmpeg_ceiling(files: list[Path]) -> float:
+    """Wall seconds of `ffmpeg -threads 1 -i F -f null -` over `files`, two processes at a time."""
+    t0 = time.perf_counter()
+    queue, running = list(files), []
+    while queue or running:
+        while queue and len(running) < 2:
+            running.append(subprocess.Popen(["ffmpeg", "-nostdin", "-v", "error", "-threads", "1", "-i", str(queue.pop(0)),
+                                             "-f", "null", "-"], stdin=subprocess.DEVNULL))
+        while all(p.poll() is None for p in running):
+            time.sleep(0.005)
+        running = [p for p in running if p.poll() is None]
+    return time.perf_counter() - t0
+
+
+def bench_720p(work: Path, runs: int, size: int) -> str:
+    """Issue 19's set: 8 files of 60 s 720p30, each figure a median of `runs`, against the
+    two-ffmpeg decode ceiling measured in the same run. Returns the Markdown section."""
+    import ray
+
+    files = make_issue_set(work / "inputs-720p60", 8, 60)
+    two = files[:2]
+    t: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        t.setdefault(key, []).append(value)
+        print(f"  {key}: {value:.2f} s", flush=True)
+
+    for r in range(runs):
+        print(f"run {r + 1}", flush=True)
+        add("ceiling", two_ffmpeg_ceiling(files))
+        add("ceiling2", two_ffmpeg_ceiling(two))
+        add("pool", run_plain(files, work / "out-720-pool", size, 8.0, procs=2)[0])
+        t0 = time.perf_counter()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        run_ray(files, work / "out-720", size, 8.0)
+        add("cold", time.perf_counter() - t0)
+        add("warm", run_ray(files, work / "out-720", size, 8.0))
+        add("warm2", run_ray(two, work / "out-720-2", size, 8.0))
+        add("fps1_full", run_ray(files, work / "out-720-1", size, 1.0, seek="never"))
+        add("fps1_seek", run_ray(files, work / "out-720-1", size, 1.0, seek="auto"))
+        add("fps1_key", run_ray(files, work / "out-720-1", size, 1.0, keyframes_only=True))
+        ray.shutdown()
+    m = {k: statistics.median(v) for k, v in t.items()}
+    media = 8 * 60.0
+    c, c2 = m["ceiling"], m["ceiling2"]
+
+    def row(name: str, key: str, ceiling: float, n_media: float = media) -> str:
+        return f"| {name} | {m[key]:.2f} | {n_media / m[key]:.1f} | **{ceiling / m[key]:.2f}** |"
+
+    return "\n".join([
+        f"Inputs: 8 files of 60 s 720p30 H.264 (keyframe every 2 s) + AAC stereo, `ffmpeg {ISSUE_SET.format(d=60, f='300+50i')}`"
+        f" (480 media s); `--size {size} --clip-seconds 2 --sample-rate 16000`; medians of {runs} runs; {os.cpu_count()} cores; "
+        "each ceiling measured in the same run.", "",
+        "| what | wall s | media s/s | of the ceiling |", "|---|---|---|---|",
+        f"| decode-only ceiling: two `ffmpeg -threads 1 -i F -f null -` at a time | {c:.2f} | {media / c:.1f} | 1.00 |",
+        row("`multiprocessing.Pool(2)` over `pipelines.ingest.ingest_file`, 8 fps", "pool", c),
+        row("`avray preprocess --fps 8`, warm (Ray running; the command's own wall time)", "warm", c),
+        row("`avray preprocess --fps 8`, cold (counted from `ray.init`)", "cold", c),
+        f"| the same, warm, on 2 of the files (ceiling {c2:.2f} s) | {m['warm2']:.2f} | {120 / m['warm2']:.1f} | **{c2 / m['warm2']:.2f}** |",
+        row("`--fps 1 --seek never` (every frame decoded), warm", "fps1_full", c),
+        row("`--fps 1` (seek path, the same frames), warm", "fps1_seek", c),
+        row("`--fps 1 --keyframes-only` (approximate in time), warm", "fps1_key", c),
+        "",
+        f"At 1 fps the seek path runs at {m['fps1_full'] / m['fps1_seek']:.2f}x the full decode's media s/s "
+        f"(target 5x), keyframes only at {m['fps1_full'] / m['fps1_key']:.2f}x.",
+    ])
 
 
 def decode_ceiling(files: list[Path]) -> dict[str, float]:
@@ -200,7 +295,8 @@ def decode_ceiling(files: list[Path]) -> dict[str, float]:
     if shutil.which("ffmpeg"):
         t0 = time.perf_counter()
         for f in files:
-            subprocess.run(["ffmpeg", "-v", "error", "-threads", "1", "-i", str(f), "-f", "null", "-"], check=True)
+            subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-threads", "1", "-i", str(f), "-f", "null", "-"], check=True,
+                           stdin=subprocess.DEVNULL)
         res["ffmpeg_media_s_per_s"] = media / (time.perf_counter() - t0)
     return res
 
@@ -233,11 +329,20 @@ def main() -> None:
     ap.add_argument("--fps", type=float, default=8.0)
     ap.add_argument("--memory-videos", type=int, nargs=2, default=(10, 100), help="video counts compared for memory")
     ap.add_argument("--write", help="replace the ingest section of this Markdown file (BENCHMARKS.md)")
+    ap.add_argument("--set", choices=("mixed", "720p60"), default="mixed",
+                    help="mixed: BBB 720p + the shared videos (section 'ingest'); 720p60: 8 files of 60 s "
+                         "720p30 made by the ffmpeg CLI, against the two-ffmpeg ceiling (section 'ingest-720p')")
     args = ap.parse_args()
 
     import ray
 
     work = Path(args.workdir)
+    if args.set == "720p60":
+        md = bench_720p(work, args.runs, args.size)
+        print(md)
+        if args.write:
+            write_section(Path(args.write), "ingest-720p", md)
+        return
     files = make_720p_inputs(work / "inputs", args.seconds_720p)
     if SHARED_VIDEO.is_dir():
         files += sorted(SHARED_VIDEO.iterdir())

@@ -67,7 +67,7 @@ def run(cfg: PreprocessConfig) -> int:
     import ray
 
     from pipelines.clipstore import ERRORS, ClipStore
-    from pipelines.ingest import ingest_dataset
+    from pipelines.ingest import ingest_tasks
     from pipelines.schema import clip_schema
     from pipelines.sources import carried_schema, list_sources
 
@@ -113,22 +113,13 @@ def run(cfg: PreprocessConfig) -> int:
     rows: list[dict[str, Any]] = []
     try:
         if pending.num_rows:
-            import ray.data
-            ctx = ray.data.DataContext.get_current()
-            # a crashed task costs the unfinished files of its block (recorded below), not the job
-            saved, ctx.max_errored_blocks = ctx.max_errored_blocks, pending.num_rows
-            try:
-                last = time.perf_counter()
-                cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-                for batch in ingest_dataset(pending, store, icfg, schema, cpus).iter_batches(
-                        batch_size=None, batch_format="pyarrow"):
-                    rows.extend(batch.to_pylist())
-                    if time.perf_counter() - last > 10:
-                        last = time.perf_counter()
-                        log.info("%d/%d files, %d clips", len(rows), pending.num_rows,
-                                 sum(r["clips"] for r in rows))
-            finally:
-                ctx.max_errored_blocks = saved
+            last = time.perf_counter()
+            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+            for batch in ingest_tasks(pending, store, icfg, schema, cpus):
+                rows.extend(batch.to_pylist())
+                if time.perf_counter() - last > 10:
+                    last = time.perf_counter()
+                    log.info("%d/%d files, %d clips", len(rows), pending.num_rows, sum(r["clips"] for r in rows))
         rows += record_lost_files(pending, rows, store)
     except KeyboardInterrupt:
         log.warning("interrupted: finished files are kept; rerun the same command to continue")

@@ -272,6 +272,15 @@ def _to_rgb(frame: av.VideoFrame, plan: tuple[int, int, int, int], rotation: int
     return out
 
 
+def _set_threads(cc: av.codec.context.CodecContext, threads: int) -> None:
+    """`threads` decoder threads, frame and slice threading both (PyAV's default thread type is
+    SLICE only, which gives nothing on one-slice H.264: 720p30 decoded in 1.04 s with 2 slice
+    threads and 1.05 s with one, 0.62 s with 2 AUTO threads, measured)."""
+    cc.thread_count = threads
+    if threads > 1:
+        cc.thread_type = "AUTO"
+
+
 def _check_pixels(width: int, height: int, cfg: DecodeConfig) -> None:
     if width * height > cfg.max_pixels:
         raise MediaTooLarge(f"{width}x{height} exceeds --max-pixels {cfg.max_pixels}")
@@ -356,7 +365,7 @@ class MediaReader:
         self.video, self.audio = v, a
         for s in (v, a):
             if s is not None:
-                s.codec_context.thread_count = self.cfg.threads
+                _set_threads(s.codec_context, self.cfg.threads)
         width, height = v.codec_context.width, v.codec_context.height
         _check_pixels(width, height, self.cfg)
         declared = None
@@ -706,7 +715,7 @@ class _SeekDecoder:
         try:
             self.stream = next(s for s in self.container.streams if s.index == video.index)
             self.cc = self.stream.codec_context
-            self.cc.thread_count = cfg.threads
+            _set_threads(self.cc, cfg.threads)
         except BaseException:
             self.container.close()
             raise

@@ -1,11 +1,10 @@
 """Ingest: one source file -> one clips part (or one error row), and the Ray Data stage around it.
 
 `ingest_file` is the plain function (decode -> batched log-mel -> Parquet part), unit-tested
-without Ray. `ingest_dataset` wraps it in a streaming Ray Data pipeline: sources are dealt into
-blocks of similar total size, `map_batches` runs one task per block on one CPU (decode is the
-bottleneck and single-threaded per file; tasks measured faster than an actor pool here: 9.7 s
-vs 11 s on the benchmark inputs), and the only thing that flows back to the driver is one
-small summary row per file.
+without Ray. `ingest_tasks` runs it on the cluster: sources are dealt into blocks of similar
+total size, one Ray task per block, on one CPU per file (decode is the bottleneck; more CPUs
+and FFmpeg threads per file when there are fewer files than CPUs), and the only thing that
+flows back to the driver is one small summary row per file.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -116,7 +115,7 @@ def ingest_file(source: dict[str, Any], store: ClipStore, cfg: IngestConfig, sch
 
 
 def _ingest_batch(batch: pa.Table, store: ClipStore, cfg: IngestConfig, schema: pa.Schema) -> pa.Table:
-    """Ray Data UDF: a batch of source rows -> their summary rows."""
+    """One Ray task's work: a block of source rows -> their summary rows."""
     torch.set_num_threads(1)
     rows = [ingest_file(src, store, cfg, schema) for src in batch.to_pylist()]
     return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
@@ -140,19 +139,51 @@ def balanced_blocks(sources: pa.Table, n: int) -> list[pa.Table]:
     return [sources.take(ix) for ix in idx if ix]
 
 
-def ingest_dataset(sources: pa.Table, store: ClipStore, cfg: IngestConfig, schema: pa.Schema,
-                   num_cpus: int, files_per_task: int = 8):
-    """A lazy Ray Dataset of summary rows; iterating it runs the ingest, streaming.
+MAX_DECODE_THREADS = 16  # FFmpeg's frame threading gains little past this
 
-    One task handles one block of files, one file at a time (memory: one file's clips in
-    flight). Blocks: at least 2 per CPU for balance, at most `files_per_task` files each. Fewer,
-    larger tasks than one per file: each task costs the streaming executor ~0.1 s of
-    scheduling latency (measured: 34 files on 2 CPUs took 13 s as 34 tasks, 7.3-8.1 s as 2-4
-    tasks, 7.5 s as plain Ray tasks). A retried task skips the files it already committed.
-    """
-    import ray.data
 
-    n = min(sources.num_rows, max(2 * num_cpus, -(-sources.num_rows // files_per_task)))
-    ds = ray.data.from_arrow(balanced_blocks(sources, n))
-    return ds.map_batches(_ingest_batch, batch_size=1, batch_format="pyarrow", num_cpus=1,
-                          fn_kwargs={"store": store, "cfg": cfg, "schema": schema})
+def plan_tasks(num_files: int, num_cpus: int, files_per_task: int = 8) -> tuple[int, int]:
+    """(blocks, FFmpeg decoder threads per file) for `num_files` files on `num_cpus` CPUs.
+
+    Blocks: at least 2 per CPU for balance, at most `files_per_task` files each, never more than
+    the files. A task runs one file at a time; when there are fewer files than CPUs, each file's
+    decoder gets the CPUs the other files leave (its task asks Ray for that many): a single long
+    file on a 16-CPU node decodes with 16 threads, 100 files with 1 each (no oversubscription)."""
+    blocks = min(num_files, max(2 * num_cpus, -(-num_files // files_per_task)))
+    return blocks, max(1, num_cpus // max(1, min(num_files, num_cpus)))
+
+
+def ingest_tasks(sources: pa.Table, store: ClipStore, cfg: IngestConfig, schema: pa.Schema,
+                 num_cpus: int, files_per_task: int = 8) -> Iterator[pa.Table]:
+    """Run the ingest as plain Ray tasks, one per block of files (`plan_tasks`); yield each
+    task's summary rows as it finishes, in completion order.
+
+    Plain tasks, not a Ray Data `map_batches`: the streaming executor ran one task for the first
+    ~10 s of a job on 2 CPUs (its resource budget held the other back) and cost 1.2-1.3x the wall
+    time of `multiprocessing.Pool(2)` over the same function (BENCHMARKS.md, ingest). Nothing but a
+    small summary per file flows back. A task whose worker dies is retried by Ray (it skips the
+    files it already committed); one that still fails is logged and its files, with neither a
+    summary nor a part, become error rows in the caller (`record_lost_files`). Memory: one file's
+    clips in flight per task, at most `num_cpus` tasks at once (their CPU request)."""
+    import dataclasses
+
+    import ray
+
+    blocks, threads = plan_tasks(sources.num_rows, num_cpus, files_per_task)
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+    threads = max(1, min(threads, int(node_cpus), MAX_DECODE_THREADS))  # a task fits on one node
+    if threads > 1:
+        cfg = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, threads=threads))
+    task = ray.remote(num_cpus=threads, max_retries=3)(_ingest_batch)
+    store_ref, cfg_ref, schema_ref = ray.put(store), ray.put(cfg), ray.put(schema)
+    pending = [task.remote(b, store_ref, cfg_ref, schema_ref) for b in balanced_blocks(sources, blocks)]
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                yield ray.get(done[0])
+            except ray.exceptions.RayError as e:  # a task that died for good: its files are recorded lost
+                log.warning("an ingest task failed: %s", e)
+    finally:  # stopped early (Ctrl-C): the cluster stops too; committed files stay, a rerun skips them
+        for ref in pending:
+            ray.cancel(ref)

@@ -181,6 +181,32 @@ def test_files_whose_task_died_become_error_rows(tmp_path):
                        "message": "the task processing this file died or failed; see the Ray logs"}]
 
 
+def test_tasks_and_decoder_threads_follow_the_files_and_cpus():
+    from pipelines.ingest import plan_tasks
+    assert plan_tasks(8, 2) == (4, 1)       # 2 blocks per CPU, one decoder thread each
+    assert plan_tasks(1000, 2) == (125, 1)  # at most 8 files a block
+    assert plan_tasks(100, 16) == (32, 1)
+    assert plan_tasks(1, 16) == (1, 16)     # one long file: all the CPUs decode it
+    assert plan_tasks(3, 16) == (3, 5)
+    assert plan_tasks(2, 2) == (2, 1)
+
+
+def test_decoder_threads_use_frame_threading_and_give_the_same_clips(tmp_path):
+    import av
+
+    from pipelines.decode import DecodeConfig, MediaReader
+    path = mediagen.write_video(tmp_path / "v.mp4", seconds=3.0, width=320, height=240)
+    out = {}
+    for threads in (1, 3):
+        with MediaReader(str(path), DecodeConfig(size=64, fps=5, threads=threads, seek="never")) as r:
+            assert r.video.codec_context.thread_count == threads
+            assert r.video.codec_context.thread_type == (av.codec.context.ThreadType.AUTO if threads > 1
+                                                         else av.codec.context.ThreadType.SLICE)
+            out[threads] = list(r.clips())
+    assert len(out[1]) == len(out[3]) == 1
+    assert np.array_equal(out[1][0].frames, out[3][0].frames) and np.array_equal(out[1][0].audio, out[3][0].audio)
+
+
 def test_balanced_blocks_deal_largest_first_in_snake_order(tmp_path):
     from pipelines.ingest import balanced_blocks
     from pipelines.sources import list_sources
