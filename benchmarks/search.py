@@ -213,8 +213,8 @@ def main() -> None:
     lines += [f"Search: {DIM}-d unit vectors in {a.clusters} clusters (spread {a.spread:g}), {a.queries} single "
               "queries drawn like the data; exact = one matrix product per query over memory (numpy, "
               "pipelines.embedstore.top_k); hnsw = FAISS IndexHNSWFlat, "
-              f"M {IndexConfig.hnsw_m}, efSearch {IndexConfig.ef_search}; ivf = FAISS IndexIVFFlat, 4 sqrt(N) "
-              f"cells, nprobe {IndexConfig.nprobe} (`avray index`'s defaults); the threads numpy and FAISS "
+              f"M {IndexConfig.hnsw_m}, efSearch {IndexConfig.ef_search}; ivf = FAISS IndexIVFFlat, min(4 sqrt(N), "
+              f"N / 39) cells, nprobe {IndexConfig.nprobe} (`avray index`'s defaults); the threads numpy and FAISS "
               "choose on 2 cores. Exact and approximate are timed back to back per query.", "",
               "| vectors | index | exact p50 / p99 ms | approximate p50 / p99 ms | speed-up (p50) | recall@10 | build s |",
               "|---|---|---|---|---|---|---|"]

@@ -1,4 +1,4 @@
-"""Decode videos into clip Parquet (frames + audio + log-mel) with Ray Data, streaming.
+"""Decode videos into clip Parquet (frames + audio + log-mel) on Ray tasks, streaming.
 
 INPUT is any mix of files, folders (searched recursively for video extensions), globs and
 manifests (.csv / .jsonl with a `path` column; other columns are carried into every clip row).
@@ -84,7 +84,8 @@ def run(cfg: PreprocessConfig) -> int:
         store.clear()
     store.create()
     # what the clips contain: a rerun into the same OUT must keep it (avray train copies it into checkpoints)
-    settings = {**clip.to_dict(), "carried_columns": carried.names}
+    # keyframes-only clips are approximate in time: recorded so that a rerun cannot mix them with exact ones
+    settings = {**clip.to_dict(), "carried_columns": carried.names, **({"keyframes_only": True} if cfg.keyframes_only else {})}
     previous = store.read_json("_config.json")
     if previous is not None and previous != settings:
         diff = {k: (previous.get(k), settings[k]) for k in settings if previous.get(k) != settings[k]}
@@ -114,8 +115,7 @@ def run(cfg: PreprocessConfig) -> int:
     try:
         if pending.num_rows:
             last = time.perf_counter()
-            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-            for batch in ingest_tasks(pending, store, icfg, schema, cpus):
+            for batch in ingest_tasks(pending, store, icfg, schema):
                 rows.extend(batch.to_pylist())
                 if time.perf_counter() - last > 10:
                     last = time.perf_counter()

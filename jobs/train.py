@@ -205,6 +205,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
+RUN_KEYS = ("carried_columns", "keyframes_only")  # what OUT/_config.json holds besides the ClipSettings
+
+
 def clip_settings_of(data: str):
     """The ClipSettings of a clip folder: OUT/_config.json beside OUT/clips, as avray preprocess wrote it."""
     from pipelines.clipsettings import ClipSettings
@@ -215,7 +218,7 @@ def clip_settings_of(data: str):
                                 "beside OUT/clips (they travel in the checkpoint to avray serve)")
     with open(path) as f:
         d = json.load(f)
-    return ClipSettings.from_dict({k: v for k, v in d.items() if k != "carried_columns"})
+    return ClipSettings.from_dict({k: v for k, v in d.items() if k not in RUN_KEYS})
 
 
 def run(cfg: TrainConfig) -> int:

@@ -7,7 +7,8 @@
 limits (pixels, duration, URI schemes), threading and the seek path (`seek`: the same frames,
 decoded faster; `keyframes_only`: a per-run speed/accuracy trade) are per run and live in
 `DecodeConfig` only. `to_dict` / `from_dict` are its one serialised form (plain JSON types, the keys of
-_config.json besides `carried_columns`).
+_config.json besides `jobs.train.RUN_KEYS`: `carried_columns`, and `keyframes_only` when it was set,
+so that a rerun into the same OUT cannot mix approximate and exact clips).
 """
 
 from __future__ import annotations

@@ -98,6 +98,13 @@ class TruncatedMedia(MediaError):
     stage = "decode"
 
 
+class SeekUnsupported(MediaError):
+    """A file the seek path cannot decode exactly (timestamps missing or repeating, a frame or
+    keyframe not found again); the full decode can: `ingest_file` retries it so under seek="auto"."""
+
+    stage = "decode"
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     """How files become clips (all times in seconds)."""
@@ -110,7 +117,7 @@ class DecodeConfig:
     sample_rate: int = 16000
     max_pixels: int = 3840 * 2160         # larger sources become error rows
     max_seconds: float = 4 * 3600.0       # longer sources become error rows
-    threads: int = 1                      # FFmpeg decoder threads per file (Ray runs one file per core)
+    threads: int = 1                      # FFmpeg decoder threads per file (ingest: more when files < CPUs)
     allowed_schemes: tuple[str, ...] = () # URI schemes besides local paths, e.g. ("https",)
     seek: str = "auto"                    # "auto" | "always" | "never": the seek path (see MediaReader.clips)
     keyframes_only: bool = False          # show the latest keyframe at or before each instant (approximate)
@@ -394,8 +401,9 @@ class MediaReader:
         of 4); keyframes only 122 at fps 1. Ratios below 4 were not measured, so "auto" stops there.
         """
         cfg = self.cfg
-        if cfg.seek == "never" or self._source is None:
-            return False
+        if cfg.seek == "never" or self._source is None or (_SCHEME.match(self._source)
+                                                            and not self._source.startswith("file://")):
+            return False  # file objects and URLs (a second handle could not seek over HTTP)
         if not set(self.container.format.name.split(",")) & set(_SEEK_FORMATS):
             return False
         if cfg.seek == "always" or cfg.keyframes_only:
@@ -646,7 +654,7 @@ class _SeekVideo:
         if packet.size == 0:  # the demuxer's end-of-stream marker
             return
         if packet.pts is None:
-            raise MediaError(f"a video packet without a timestamp (packet {self.seq}): decode it with --seek never")
+            raise SeekUnsupported(f"a video packet without a timestamp (packet {self.seq}): decode it with --seek never")
         if not self.seq:
             self.first_key = packet.pts
         # the same arithmetic as av.Frame.time, so that times equal the full path's bit for bit
@@ -657,11 +665,14 @@ class _SeekVideo:
         self.seq += 1
         if len(self.heap) > _SEEK_REORDER_WINDOW:
             self._place(heapq.heappop(self.heap), timeline)
+        # the video has reached t, though the window holds its last packets back: audio up to
+        # clip + _MAX_AV_LAG past it is kept (on a 1 fps source the window spans 16 s)
+        timeline.tick(t)
 
     def _place(self, item: tuple[float, int, int, bool, float], timeline: _Timeline) -> None:
         t, pts, seq, key, duration = item
         if t <= self.last[0]:
-            raise MediaError("video timestamps repeat or reorder beyond the seek path's window: "
+            raise SeekUnsupported("video timestamps repeat or reorder beyond the seek path's window: "
                              "decode it with --seek never")
         self.last = (t, pts, duration)
         if self.keyframes_only and not key:
@@ -743,7 +754,7 @@ class _SeekDecoder:
             vf = self._decode_until(pts)
             if vf is not None:
                 return vf
-        raise MediaError(f"the frame at pts {pts} could not be decoded on the seek path: "
+        raise SeekUnsupported(f"the frame at pts {pts} could not be decoded on the seek path: "
                          "decode it with --seek never")
 
     def _seek(self, key_pts: int) -> None:
@@ -763,7 +774,7 @@ class _SeekDecoder:
                 if p.is_keyframe and p.pts == key_pts:
                     self.next_packet, self.last_key = p, None
                     return
-        raise MediaError(f"the keyframe at pts {key_pts} could not be found again: decode it with --seek never")
+        raise SeekUnsupported(f"the keyframe at pts {key_pts} could not be found again: decode it with --seek never")
 
     def _next(self) -> av.Packet | None:
         """The next packet of the demuxer (not a generator wrapping it: closing a wrapper would

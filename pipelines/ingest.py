@@ -1,4 +1,4 @@
-"""Ingest: one source file -> one clips part (or one error row), and the Ray Data stage around it.
+"""Ingest: one source file -> one clips part (or one error row), and the Ray tasks around it.
 
 `ingest_file` is the plain function (decode -> batched log-mel -> Parquet part), unit-tested
 without Ray. `ingest_tasks` runs it on the cluster: sources are dealt into blocks of similar
@@ -9,6 +9,7 @@ flows back to the driver is one small summary row per file.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -20,7 +21,7 @@ import pyarrow as pa
 import torch
 
 from pipelines.clipstore import CLIPS, ClipStore
-from pipelines.decode import Clip, DecodeConfig, MediaInfo, MediaReader
+from pipelines.decode import Clip, DecodeConfig, MediaInfo, MediaReader, SeekUnsupported
 from pipelines.schema import ERROR_SCHEMA, encode_tensor, error_row
 from pipelines.spectrogram import SpectrogramConfig, log_mel
 
@@ -84,34 +85,48 @@ def ingest_file(source: dict[str, Any], store: ClipStore, cfg: IngestConfig, sch
     t0 = time.perf_counter()
     stage = "open"
     reader = None
-    try:
-        reader = MediaReader(path, cfg.decode)
-        stage = "decode"
-        with reader, store.open_part(CLIPS, vid, schema) as part:
-            batch: list[Clip] = []
+    decode = cfg.decode
+    while True:
+        try:
+            reader = MediaReader(path, decode)
+            stage = "decode"
+            with reader, store.open_part(CLIPS, vid, schema) as part:
+                batch: list[Clip] = []
 
-            def flush() -> None:
-                part.write(pa.Table.from_pylist(clip_rows(batch, vid, path, reader.info, cfg, carried), schema))
-                summary["clips"] += len(batch)
-                batch.clear()
+                def flush() -> None:
+                    part.write(pa.Table.from_pylist(clip_rows(batch, vid, path, reader.info, cfg, carried), schema))
+                    summary["clips"] += len(batch)
+                    batch.clear()
 
-            for clip in reader.clips():
-                batch.append(clip)
-                if len(batch) == cfg.batch_clips:
+                for clip in reader.clips():
+                    batch.append(clip)
+                    if len(batch) == cfg.batch_clips:
+                        flush()
+                if batch:
                     flush()
-            if batch:
-                flush()
-            stage = "write"
-        summary["media_seconds"] = reader.media_seconds
-    except Exception as e:  # bad media must not fail the job: it becomes an error row
-        row = error_row(path, vid, getattr(e, "stage", stage), e)
-        store.write_error(row, ERROR_SCHEMA)
-        summary.update(status="failed", clips=0, stage=row["stage"], error_type=row["error_type"],
-                       message=row["message"])
-        log.debug("failed %s: %s", path, e)
+                stage = "write"
+            summary["media_seconds"] = reader.media_seconds
+        except SeekUnsupported as e:  # the part was aborted: decode the whole file instead
+            if decode.seek != "auto":
+                _failed(summary, store, path, vid, e, stage)
+                break
+            log.info("%s: %s; decoding every frame", path, e)
+            decode, summary["clips"] = dataclasses.replace(decode, seek="never"), 0
+            continue
+        except Exception as e:  # bad media must not fail the job: it becomes an error row
+            _failed(summary, store, path, vid, e, stage)
+        break
     summary["frames_decoded"] = reader.frames_decoded if reader is not None else 0
     summary["seconds"] = time.perf_counter() - t0
     return summary
+
+
+def _failed(summary: dict[str, Any], store: ClipStore, path: str, vid: str, e: Exception, stage: str) -> None:
+    """Record `e` as the file's error row and in its summary."""
+    row = error_row(path, vid, getattr(e, "stage", stage), e)
+    store.write_error(row, ERROR_SCHEMA)
+    summary.update(status="failed", clips=0, stage=row["stage"], error_type=row["error_type"], message=row["message"])
+    log.debug("failed %s: %s", path, e)
 
 
 def _ingest_batch(batch: pa.Table, store: ClipStore, cfg: IngestConfig, schema: pa.Schema) -> pa.Table:
@@ -142,48 +157,70 @@ def balanced_blocks(sources: pa.Table, n: int) -> list[pa.Table]:
 MAX_DECODE_THREADS = 16  # FFmpeg's frame threading gains little past this
 
 
-def plan_tasks(num_files: int, num_cpus: int, files_per_task: int = 8) -> tuple[int, int]:
-    """(blocks, FFmpeg decoder threads per file) for `num_files` files on `num_cpus` CPUs.
+def plan_tasks(num_files: int, node_cpus: list[int], free_cpus: int | None = None,
+               files_per_task: int = 8) -> tuple[int, int]:
+    """(blocks, FFmpeg decoder threads per file) for `num_files` files on nodes of `node_cpus`
+    CPUs, of which `free_cpus` (default: all) are free now.
 
-    Blocks: at least 2 per CPU for balance, at most `files_per_task` files each, never more than
-    the files. A task runs one file at a time; when there are fewer files than CPUs, each file's
-    decoder gets the CPUs the other files leave (its task asks Ray for that many): a single long
-    file on a 16-CPU node decodes with 16 threads, 100 files with 1 each (no oversubscription)."""
-    blocks = min(num_files, max(2 * num_cpus, -(-num_files // files_per_task)))
-    return blocks, max(1, num_cpus // max(1, min(num_files, num_cpus)))
+    Blocks: at least 2 per CPU for balance, at most `files_per_task` files each, a multiple of the
+    CPUs, never more than the files. A task runs one file at a time on one CPU; when there are fewer files than free
+    CPUs, each file's task asks for more CPUs and its decoder runs that many threads: the most
+    threads (<= MAX_DECODE_THREADS, <= the free CPUs per file) at which the tasks still all fit
+    on the nodes at once. A single long file on a 16-CPU node decodes with 16 threads, 100 files
+    with 1 each (no oversubscription); 5 files on 4 nodes of 8 CPUs with 4 each (2 a node)."""
+    cpus = sum(node_cpus)
+    free = cpus if free_cpus is None else max(1, min(free_cpus, cpus))
+    blocks = max(2 * cpus, -(-num_files // files_per_task))
+    blocks = min(num_files, -(-blocks // cpus) * cpus)  # a multiple of the CPUs: no last round of one task
+    threads = 1
+    for t in range(2, min(MAX_DECODE_THREADS, free // max(1, num_files)) + 1):
+        if sum(n // t for n in node_cpus) >= num_files:
+            threads = t
+    return blocks, threads
 
 
 def ingest_tasks(sources: pa.Table, store: ClipStore, cfg: IngestConfig, schema: pa.Schema,
-                 num_cpus: int, files_per_task: int = 8) -> Iterator[pa.Table]:
-    """Run the ingest as plain Ray tasks, one per block of files (`plan_tasks`); yield each
-    task's summary rows as it finishes, in completion order.
+                 files_per_task: int = 8) -> Iterator[pa.Table]:
+    """Run the ingest as plain Ray tasks on the connected cluster, one per block of files
+    (`plan_tasks`); yield each task's summary rows as it finishes, in completion order.
 
     Plain tasks, not a Ray Data `map_batches`: the streaming executor ran one task for the first
     ~10 s of a job on 2 CPUs (its resource budget held the other back) and cost 1.2-1.3x the wall
-    time of `multiprocessing.Pool(2)` over the same function (BENCHMARKS.md, ingest). Nothing but a
-    small summary per file flows back. A task whose worker dies is retried by Ray (it skips the
-    files it already committed); one that still fails is logged and its files, with neither a
-    summary nor a part, become error rows in the caller (`record_lost_files`). Memory: one file's
-    clips in flight per task, at most `num_cpus` tasks at once (their CPU request)."""
+    time of `multiprocessing.Pool(2)` over the same function (BENCHMARKS.md, ingest at the decode
+    ceiling). At most 2 tasks per CPU are submitted at a time (the rest follow as they finish), and
+    nothing but a small summary per file flows back. A task whose worker dies is retried by Ray (it
+    skips the files it already committed); one that still fails is logged and its files, with
+    neither a summary nor a part, become error rows in the caller (`record_lost_files`); when every
+    task fails (e.g. OUT not writable, the code missing on the workers) the error is raised.
+    Memory: one file's clips in flight per running task."""
     import dataclasses
 
     import ray
 
-    blocks, threads = plan_tasks(sources.num_rows, num_cpus, files_per_task)
-    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
-    threads = max(1, min(threads, int(node_cpus), MAX_DECODE_THREADS))  # a task fits on one node
+    node_cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]]
+    node_cpus = [n for n in node_cpus if n] or [1]
+    blocks, threads = plan_tasks(sources.num_rows, node_cpus, int(ray.available_resources().get("CPU", 0)),
+                                 files_per_task)
     if threads > 1:
         cfg = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, threads=threads))
     task = ray.remote(num_cpus=threads, max_retries=3)(_ingest_batch)
-    store_ref, cfg_ref, schema_ref = ray.put(store), ray.put(cfg), ray.put(schema)
-    pending = [task.remote(b, store_ref, cfg_ref, schema_ref) for b in balanced_blocks(sources, blocks)]
+    args = ray.put(store), ray.put(cfg), ray.put(schema)
+    todo = balanced_blocks(sources, blocks)[::-1]  # popped from the end: in the order dealt
+    window = 2 * sum(node_cpus)
+    pending: list = []
+    failed, first_error = 0, None
     try:
-        while pending:
+        while todo or pending:
+            while todo and len(pending) < window:
+                pending.append(task.remote(todo.pop(), *args))
             done, pending = ray.wait(pending, num_returns=1)
             try:
                 yield ray.get(done[0])
             except ray.exceptions.RayError as e:  # a task that died for good: its files are recorded lost
+                failed, first_error = failed + 1, first_error or e
                 log.warning("an ingest task failed: %s", e)
     finally:  # stopped early (Ctrl-C): the cluster stops too; committed files stay, a rerun skips them
         for ref in pending:
             ray.cancel(ref)
+    if failed and failed == blocks:
+        raise RuntimeError(f"every ingest task failed; the first: {first_error}") from first_error

@@ -124,6 +124,8 @@ def test_preprocess_counts_errors_and_idempotent_rerun(ray_local, corpus, tmp_pa
     # other settings into the same OUT are refused; --overwrite starts over
     with pytest.raises(ValueError, match=r"other settings \{'fps': \(4\.0, 8\.0\)\}"):
         run(PreprocessConfig(**{**_cfg(root, out).__dict__, "fps": 8.0}))
+    with pytest.raises(ValueError, match=r"other settings \{'keyframes_only': \(None, True\)\}"):
+        run(PreprocessConfig(**{**_cfg(root, out).__dict__, "keyframes_only": True}))
     assert run(_cfg(root, out, overwrite=True)) == 0
     assert _clips(out).equals(table)
 
@@ -183,12 +185,17 @@ def test_files_whose_task_died_become_error_rows(tmp_path):
 
 def test_tasks_and_decoder_threads_follow_the_files_and_cpus():
     from pipelines.ingest import plan_tasks
-    assert plan_tasks(8, 2) == (4, 1)       # 2 blocks per CPU, one decoder thread each
-    assert plan_tasks(1000, 2) == (125, 1)  # at most 8 files a block
-    assert plan_tasks(100, 16) == (32, 1)
-    assert plan_tasks(1, 16) == (1, 16)     # one long file: all the CPUs decode it
-    assert plan_tasks(3, 16) == (3, 5)
-    assert plan_tasks(2, 2) == (2, 1)
+    assert plan_tasks(8, [2]) == (4, 1)       # 2 blocks per CPU, one decoder thread each
+    assert plan_tasks(1000, [2]) == (126, 1)  # at most 8 files a block, a multiple of the CPUs
+    assert plan_tasks(34, [2]) == (6, 1)
+    assert plan_tasks(100, [16]) == (32, 1)
+    assert plan_tasks(2, [2]) == (2, 1)
+    assert plan_tasks(1, [16]) == (1, 16)     # one long file: all the CPUs decode it
+    assert plan_tasks(1, [32]) == (1, 16)     # at most MAX_DECODE_THREADS
+    assert plan_tasks(1, [16], free_cpus=14) == (1, 14)  # another job holds 2 CPUs: never wait for them
+    assert plan_tasks(1, [16], free_cpus=0) == (1, 1)
+    assert plan_tasks(3, [16]) == (3, 5)
+    assert plan_tasks(5, [8, 8, 8, 8]) == (5, 4)  # 2 tasks a node, all 5 at once (6 threads: 4 at a time)
 
 
 def test_decoder_threads_use_frame_threading_and_give_the_same_clips(tmp_path):

@@ -75,6 +75,17 @@ def test_seek_path_gives_the_full_decodes_clips_from_fewer_frames(tmp_path, name
         assert _indices(c.frames) == [int(np.searchsorted(times, t + 1e-6, side="right") - 1) for t in targets]
 
 
+def test_a_slow_source_keeps_its_audio_on_the_seek_path(tmp_path):
+    """A 1 fps source (slides, a still with a podcast) sampled at 0.25 fps: the seek path's
+    16-packet window spans 16 s, more than the audio lag allowed past the placed video; the
+    audio must still be the full decode's, clip for clip."""
+    p = mediagen.write_video(tmp_path / "slides.mp4", seconds=40.0, fps=1)
+    cfg = dict(fps=0.25, clip_seconds=4.0, sample_rate=8000, **LETTERBOX)
+    full, seek = _decode(p, seek="never", **cfg), _decode(p, **cfg)  # auto: 1 fps >= 4 x 0.25
+    _assert_same(full, seek)
+    assert len(seek[0]) == 10 and all(np.abs(c.audio).max() > 0.05 for c in seek[0])
+
+
 def test_seek_lands_on_keyframes_and_decodes_only_what_the_instants_need(tmp_path):
     # a keyframe every second (25 frames), instants every 2 s on keyframes: a few pictures each
     p = mediagen.write_video(tmp_path / "g25.mp4", seconds=8.0, video_options={"g": "25", "bf": "3"})
