@@ -200,3 +200,42 @@ def test_seek_path_memory_is_bounded_by_a_clip_not_the_file(tmp_path):
     short, long = peak(4.0), peak(40.0)
     clip_bytes = 2 * 96 * 96 * 3 + 16000 * 4
     assert long < 1.2 * short + clip_bytes, (short, long)
+
+
+def test_ingest_falls_back_to_the_full_decode_when_the_seek_path_cannot_be_exact(tmp_path, monkeypatch):
+    """A file the seek path refuses (here: every video packet 'lacks' a timestamp) is decoded in
+    full under seek="auto", with the full path's clips; with seek="always" it is an error row."""
+    import pyarrow.parquet as pq
+
+    import pipelines.decode as decode
+    from pipelines.clipstore import ClipStore
+    from pipelines.ingest import IngestConfig, ingest_file
+    from pipelines.schema import CLIP_SCHEMA
+    from pipelines.spectrogram import SpectrogramConfig
+
+    p = mediagen.write_video(tmp_path / "v.mp4", seconds=4.0, fps=25)
+
+    refused = []
+
+    def refuse(self, packet, timeline):
+        refused.append(packet.pts)
+        raise decode.SeekUnsupported("a video packet without a timestamp (packet 0): decode it with --seek never")
+
+    monkeypatch.setattr(decode._SeekVideo, "packet", refuse)
+    src = {"video_id": "v", "path": str(p)}
+    spec = SpectrogramConfig(sample_rate=8000)
+    rows = {}
+    for seek in ("auto", "never", "always"):
+        store = ClipStore(str(tmp_path / seek))
+        store.create()
+        cfg = IngestConfig(decode=DecodeConfig(fps=2, sample_rate=8000, seek=seek, **LETTERBOX), spectrogram=spec)
+        rows[seek] = ingest_file(src, store, cfg, CLIP_SCHEMA)
+        refused.append(seek)
+    assert refused == [0, "auto", "never", 0, "always"]  # auto tried the seek path once, never did not
+    assert rows["auto"]["status"] == rows["never"]["status"] == "ok" and rows["auto"]["clips"] == rows["never"]["clips"] == 2
+    a, n = (pq.read_table(tmp_path / s / "clips") for s in ("auto", "never"))
+    assert a.column("frames").to_pylist() == n.column("frames").to_pylist()
+    assert a.column("audio").to_pylist() == n.column("audio").to_pylist()
+    assert (rows["always"]["status"], rows["always"]["clips"], rows["always"]["error_type"]) == ("failed", 0, "SeekUnsupported")
+    assert rows["always"]["message"] == "a video packet without a timestamp (packet 0): decode it with --seek never"
+    assert not (tmp_path / "always" / "clips").exists() or not list((tmp_path / "always" / "clips").iterdir())
