@@ -160,21 +160,25 @@ def test_only_local_files_or_allowed_schemes(tmp_path):
         DecodeConfig(allowed_schemes=("gopher",))
 
 
-def test_memory_is_bounded_by_a_clip_not_the_file(tmp_path):
-    cfg = DecodeConfig(clip_seconds=1.0, fps=25, size=96)
+@pytest.mark.parametrize("seek, fps, video_options", [("never", 25, None), ("always", 2, {"g": "25"})])
+def test_memory_is_bounded_by_a_clip_not_the_file(tmp_path, seek, fps, video_options):
+    """Peak traced memory of a 40 s decode within 1.2x a 4 s one plus a clip, on both video paths."""
+
+    cfg = DecodeConfig(clip_seconds=1.0, fps=fps, size=96, seek=seek)
 
     def peak(seconds: float) -> int:
-        p = mediagen.write_video(tmp_path / f"{seconds}.mp4", seconds=seconds, fps=25)
+        p = mediagen.write_video(tmp_path / f"{seconds}.mp4", seconds=seconds, fps=25, video_options=video_options)
         tracemalloc.start()
         with MediaReader(str(p), cfg) as r:
             n = sum(1 for _ in r.clips())
+            assert r.seek_path == (seek == "always")
         _, top = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         assert n == int(seconds)
         return top
 
     short, long = peak(4.0), peak(40.0)
-    clip_bytes = 25 * 96 * 96 * 3 + 16000 * 4
+    clip_bytes = fps * 96 * 96 * 3 + 16000 * 4
     assert long < 1.2 * short + clip_bytes, (short, long)
 
 

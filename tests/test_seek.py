@@ -181,27 +181,6 @@ def test_cli_plumbs_the_options_as_per_run_decode_settings():
     assert "APPROXIMATE in time" in text and "--seek {auto,always,never}" in text
 
 
-def test_seek_path_memory_is_bounded_by_a_clip_not_the_file(tmp_path):
-    import tracemalloc
-
-    cfg = DecodeConfig(clip_seconds=1.0, fps=2, size=96, seek="always")
-
-    def peak(seconds: float) -> int:
-        p = mediagen.write_video(tmp_path / f"{seconds}.mp4", seconds=seconds, video_options={"g": "25"})
-        tracemalloc.start()
-        with MediaReader(str(p), cfg) as r:
-            n = sum(1 for _ in r.clips())
-            assert r.seek_path
-        _, top = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-        assert n == int(seconds)
-        return top
-
-    short, long = peak(4.0), peak(40.0)
-    clip_bytes = 2 * 96 * 96 * 3 + 16000 * 4
-    assert long < 1.2 * short + clip_bytes, (short, long)
-
-
 def test_ingest_falls_back_to_the_full_decode_when_the_seek_path_cannot_be_exact(tmp_path, monkeypatch):
     """A file the seek path refuses (here: every video packet 'lacks' a timestamp) is decoded in
     full under seek="auto", with the full path's clips; with seek="always" it is an error row."""
