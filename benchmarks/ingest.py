@@ -221,6 +221,14 @@ def two_ffmpeg_ceiling(files: list[Path]) -> float:
     return time.perf_counter() - t0
 
 
+def ffmpeg_seconds(path: Path, threads: int) -> float:
+    """Wall seconds of `ffmpeg -threads N -i path -f null -`."""
+    t0 = time.perf_counter()
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-threads", str(threads), "-i", str(path), "-f", "null", "-"],
+                   check=True, stdin=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
 def bench_720p(work: Path, runs: int, size: int) -> str:
     """Issue 19's set: 8 files of 60 s 720p30, each figure a median of `runs`, against the
     two-ffmpeg decode ceiling measured in the same run. Returns the Markdown section."""
@@ -238,6 +246,8 @@ def bench_720p(work: Path, runs: int, size: int) -> str:
         print(f"run {r + 1}", flush=True)
         add("ceiling", two_ffmpeg_ceiling(files))
         add("ceiling2", two_ffmpeg_ceiling(two))
+        for threads in (1, 2):
+            add(f"ffmpeg_t{threads}", ffmpeg_seconds(files[0], threads))
         add("pool", run_plain(files, work / "out-720-pool", size, 8.0, procs=2)[0])
         t0 = time.perf_counter()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -245,6 +255,7 @@ def bench_720p(work: Path, runs: int, size: int) -> str:
         add("cold", time.perf_counter() - t0)
         add("warm", run_ray(files, work / "out-720", size, 8.0))
         add("warm2", run_ray(two, work / "out-720-2", size, 8.0))
+        add("warm1", run_ray(files[:1], work / "out-720-1f", size, 8.0))  # one file: decoder threads = CPUs
         add("fps1_full", run_ray(files, work / "out-720-1", size, 1.0, seek="never"))
         add("fps1_seek", run_ray(files, work / "out-720-1", size, 1.0, seek="auto"))
         add("fps1_key", run_ray(files, work / "out-720-1", size, 1.0, keyframes_only=True))
@@ -266,6 +277,9 @@ def bench_720p(work: Path, runs: int, size: int) -> str:
         row("`avray preprocess --fps 8`, warm (Ray running; the command's own wall time)", "warm", c),
         row("`avray preprocess --fps 8`, cold (counted from `ray.init`)", "cold", c),
         f"| the same, warm, on 2 of the files (ceiling {c2:.2f} s) | {m['warm2']:.2f} | {120 / m['warm2']:.1f} | **{c2 / m['warm2']:.2f}** |",
+        f"| one file, warm (decoder threads = the 2 CPUs; `ffmpeg -threads 1`: {m['ffmpeg_t1']:.2f} s, "
+        f"`-threads 2`: {m['ffmpeg_t2']:.2f} s) | {m['warm1']:.2f} | {60 / m['warm1']:.1f} | "
+        f"**{m['ffmpeg_t2'] / m['warm1']:.2f}** of `-threads 2`, {m['ffmpeg_t1'] / m['warm1']:.2f} of `-threads 1` |",
         row("`--fps 1 --seek never` (every frame decoded), warm", "fps1_full", c),
         row("`--fps 1` (seek path, the same frames), warm", "fps1_seek", c),
         row("`--fps 1 --keyframes-only` (approximate in time), warm", "fps1_key", c),
