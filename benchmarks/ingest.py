@@ -207,14 +207,18 @@ def make_issue_set(dst: Path, files: int, seconds: int) -> list[Path]:
     return out
 
 
+def ffmpeg_decode(path: Path, threads: int) -> list[str]:
+    """The decode-only command: `ffmpeg -threads N -i path -f null -` (stdin unused)."""
+    return ["ffmpeg", "-nostdin", "-v", "error", "-threads", str(threads), "-i", str(path), "-f", "null", "-"]
+
+
 def two_ffmpeg_ceiling(files: list[Path]) -> float:
     """Wall seconds of `ffmpeg -threads 1 -i F -f null -` over `files`, two processes at a time."""
     t0 = time.perf_counter()
     queue, running = list(files), []
     while queue or running:
         while queue and len(running) < 2:
-            running.append(subprocess.Popen(["ffmpeg", "-nostdin", "-v", "error", "-threads", "1", "-i", str(queue.pop(0)),
-                                             "-f", "null", "-"], stdin=subprocess.DEVNULL))
+            running.append(subprocess.Popen(ffmpeg_decode(queue.pop(0), 1), stdin=subprocess.DEVNULL))
         while all(p.poll() is None for p in running):
             time.sleep(0.005)
         running = [p for p in running if p.poll() is None]
@@ -224,8 +228,7 @@ def two_ffmpeg_ceiling(files: list[Path]) -> float:
 def ffmpeg_seconds(path: Path, threads: int) -> float:
     """Wall seconds of `ffmpeg -threads N -i path -f null -`."""
     t0 = time.perf_counter()
-    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-threads", str(threads), "-i", str(path), "-f", "null", "-"],
-                   check=True, stdin=subprocess.DEVNULL)
+    subprocess.run(ffmpeg_decode(path, threads), check=True, stdin=subprocess.DEVNULL)
     return time.perf_counter() - t0
 
 
@@ -307,11 +310,7 @@ def decode_ceiling(files: list[Path]) -> dict[str, float]:
             t_av += time.perf_counter() - t0
     res = {"media_seconds": media, "pyav_media_s_per_s": media / t_av}
     if shutil.which("ffmpeg"):
-        t0 = time.perf_counter()
-        for f in files:
-            subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-threads", "1", "-i", str(f), "-f", "null", "-"], check=True,
-                           stdin=subprocess.DEVNULL)
-        res["ffmpeg_media_s_per_s"] = media / (time.perf_counter() - t0)
+        res["ffmpeg_media_s_per_s"] = media / sum(ffmpeg_seconds(f, 1) for f in files)
     return res
 
 

@@ -191,7 +191,7 @@ class Embedder:
                 try:
                     rows = self.output_rows(table if len(good) == table.num_rows else table.take(good), vectors)
                 except Exception:  # noqa: BLE001 - one file's odd columns: build each file's rows alone below
-                    rows = None
+                    pass
             start = 0
             for vid, path, piece in list(pending):
                 stop = start + piece.num_rows

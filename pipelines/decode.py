@@ -673,7 +673,7 @@ class _SeekVideo:
         t, pts, seq, key, duration = item
         if t <= self.last[0]:
             raise SeekUnsupported("video timestamps repeat or reorder beyond the seek path's window: "
-                             "decode it with --seek never")
+                                  "decode it with --seek never")
         self.last = (t, pts, duration)
         if self.keyframes_only and not key:
             timeline.tick(t)
@@ -755,7 +755,7 @@ class _SeekDecoder:
             if vf is not None:
                 return vf
         raise SeekUnsupported(f"the frame at pts {pts} could not be decoded on the seek path: "
-                         "decode it with --seek never")
+                              "decode it with --seek never")
 
     def _seek(self, key_pts: int) -> None:
         """Position the demuxer on the keyframe at `key_pts` (its packet is the next decoded)."""

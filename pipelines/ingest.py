@@ -163,10 +163,10 @@ def plan_tasks(num_files: int, node_cpus: list[int], free_cpus: int | None = Non
     CPUs, of which `free_cpus` (default: all) are free now.
 
     Blocks: at least 2 per CPU for balance, at most `files_per_task` files each, a multiple of the
-    CPUs, never more than the files. A task runs one file at a time on one CPU; when there are fewer files than free
-    CPUs, each file's task asks for more CPUs and its decoder runs that many threads: the most
-    threads (<= MAX_DECODE_THREADS, <= the free CPUs per file) at which the tasks still all fit
-    on the nodes at once. A single long file on a 16-CPU node decodes with 16 threads, 100 files
+    CPUs, never more than the files. A task runs one file at a time on one CPU; when there are
+    fewer files than free CPUs, each file's task asks for more CPUs and its decoder runs that
+    many threads: the most (<= MAX_DECODE_THREADS, <= the free CPUs per file) at which the tasks
+    still all fit on the nodes at once. A single long file on a 16-CPU node decodes with 16 threads, 100 files
     with 1 each (no oversubscription); 5 files on 4 nodes of 8 CPUs with 4 each (2 a node)."""
     cpus = sum(node_cpus)
     free = cpus if free_cpus is None else max(1, min(free_cpus, cpus))
@@ -193,8 +193,6 @@ def ingest_tasks(sources: pa.Table, store: ClipStore, cfg: IngestConfig, schema:
     neither a summary nor a part, become error rows in the caller (`record_lost_files`); when every
     task fails (e.g. OUT not writable, the code missing on the workers) the error is raised.
     Memory: one file's clips in flight per running task."""
-    import dataclasses
-
     import ray
 
     node_cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]]
@@ -206,6 +204,7 @@ def ingest_tasks(sources: pa.Table, store: ClipStore, cfg: IngestConfig, schema:
     task = ray.remote(num_cpus=threads, max_retries=3)(_ingest_batch)
     args = ray.put(store), ray.put(cfg), ray.put(schema)
     todo = balanced_blocks(sources, blocks)[::-1]  # popped from the end: in the order dealt
+    tasks = len(todo)
     window = 2 * sum(node_cpus)
     pending: list = []
     failed, first_error = 0, None
@@ -222,5 +221,5 @@ def ingest_tasks(sources: pa.Table, store: ClipStore, cfg: IngestConfig, schema:
     finally:  # stopped early (Ctrl-C): the cluster stops too; committed files stay, a rerun skips them
         for ref in pending:
             ray.cancel(ref)
-    if failed and failed == blocks:
+    if failed and failed == tasks:
         raise RuntimeError(f"every ingest task failed; the first: {first_error}") from first_error
