@@ -1,14 +1,17 @@
 """Find near-duplicate clips in an embeddings folder: pairs above a cosine threshold, and their groups.
 
 Every clip is compared with every clip of another video (exact, in blocks: memory is a block of
-scores) on one embedding column, `emb` (picture and sound together) by default. Writes a Parquet
-table of the pairs (clip, video, source path and start of both, their score) whose `group` is the
-connected component of the videos the pairs join, so copies of a video (re-encoded, re-cut,
-shifted in time) land in one group; prints the groups. Clips of one video are not compared with
-each other (their neighbours in time look alike).
+scores). By default (`--column both`) a pair's score is the lower of its picture similarity
+(`video_emb`) and its sound similarity (`audio_emb`): a duplicate looks *and* sounds alike. On the
+fused `emb` alone, two different videos' silent stretches (identical sound, so identical audio
+vectors) pair up whenever their pictures are merely similar. Writes a Parquet table of the pairs
+(clip, video, source path and start of both, their score) whose `group` is the connected component
+of the videos the pairs join, so copies of a video (re-encoded, re-cut, shifted in time) land in
+one group; prints the groups. Clips of one video are not compared with each other (their
+neighbours in time look alike).
 
 example:
-  avray dedup emb/ --threshold 0.95 --out dups.parquet
+  avray dedup emb/ --threshold 0.9 --out dups.parquet
 """
 
 from __future__ import annotations
@@ -22,22 +25,25 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DedupConfig:
     emb: str = field(metadata={"help": "embeddings folder written by avray embed", "positional": True})
-    threshold: float = field(default=0.95, metadata={"help": "cosine similarity at or above which two clips are duplicates"})
+    threshold: float = field(default=0.9, metadata={"help": "cosine similarity at or above which two clips are duplicates"})
     out: str = field(default="duplicates.parquet", metadata={"help": "Parquet table of the duplicate pairs", "short": "-o"})
-    column: str = field(default="emb", metadata={"help": "embedding column compared",
-                                                 "choices": ("emb", "video_emb", "audio_emb")})
+    column: str = field(default="both", metadata={
+        "help": "what is compared: both (the lower of the video_emb and the audio_emb cosine) or one embedding column",
+        "choices": ("both", "emb", "video_emb", "audio_emb")})
     block: int = field(default=4096, metadata={"help": "clips compared per block"})
 
 
-def duplicate_pairs(vectors, videos, threshold: float, block: int = 4096):
-    """(i, j, score) arrays of every pair i < j of rows of `vectors` (float32 (N, D), unit norm) from
-    different `videos` (N,) whose inner product is >= threshold."""
+def duplicate_pairs(matrices, videos, threshold: float, block: int = 4096):
+    """(i, j, score) arrays of every pair i < j of rows from different `videos` (N,) whose score is
+    >= threshold: the lowest inner product of the two rows over `matrices` (one or more float32
+    (N, D) arrays of unit vectors, e.g. the video and the audio embeddings)."""
     import numpy as np
 
     videos = np.asarray(videos)
+    matrices = [np.asarray(m) for m in matrices]
     I, J, S = [], [], []
-    for s in range(0, len(vectors), block):
-        scores = np.asarray(vectors[s:s + block]) @ np.asarray(vectors).T  # (b, N)
+    for s in range(0, len(videos), block):
+        scores = np.min([m[s:s + block] @ m.T for m in matrices], axis=0)  # (b, N)
         i, j = np.nonzero(scores >= threshold)
         i = i + s
         keep = (i < j) & (videos[i] != videos[j])
@@ -80,9 +86,10 @@ def run(cfg: DedupConfig) -> int:
         raise ValueError("--block must be >= 1")
     store = EmbeddingStore(cfg.emb)
     version = store.current()
-    x, rows = store.matrix(cfg.column, version), store.rows(version)
+    columns = ("video_emb", "audio_emb") if cfg.column == "both" else (cfg.column,)
+    rows = store.rows(version)
     videos = rows.column("video_id").to_numpy(zero_copy_only=False)
-    i, j, s = duplicate_pairs(x, videos, cfg.threshold, cfg.block)
+    i, j, s = duplicate_pairs([store.matrix(c, version) for c in columns], videos, cfg.threshold, cfg.block)
     group = groups(list(zip(videos[i].tolist(), videos[j].tolist())))
     a, b = rows.take(pa.array(i)), rows.take(pa.array(j))
     table = pa.table({
@@ -96,7 +103,7 @@ def run(cfg: DedupConfig) -> int:
     for v, g in group.items():
         members.setdefault(g, set()).add(v)
     paths = dict(zip(rows.column("video_id").to_pylist(), rows.column("source_path").to_pylist()))
-    print(f"avray dedup: {table.num_rows} pair(s) of clips at cosine >= {cfg.threshold:g} ({cfg.column}), "
+    print(f"avray dedup: {table.num_rows} pair(s) of clips at cosine >= {cfg.threshold:g} ({' and '.join(columns)}), "
           f"{len(members)} group(s) of near-duplicate videos among {len(set(videos.tolist()))} videos -> {cfg.out}")
     for g in sorted(members)[:20]:
         print(f"  group {g}: " + ", ".join(sorted(paths[v] for v in members[g])))

@@ -69,11 +69,11 @@ def setup(ray_local, tmp_path_factory):
     scenes = pc.field("source_path").isin([str((media / r["path"]).resolve()) for r in rows[:SCENES]])
     (batch,) = list(numpy_batches(str(clips), list(task.columns) + ["source_path", "clip_id"], 64, filter=scenes))
     cfg = task.fit(task.presets["tiny"], lambda cols: {c: batch[c] for c in cols if c in batch})
-    torch.manual_seed(0)
+    torch.manual_seed(int(os.environ.get("AVRAY_TEST_SEED", 0)))
     model = task.model(cfg)
     x = task.collate(batch, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(150):
+    for _ in range(300):
         loss = task.step(model, x, cfg)["loss"]
         opt.zero_grad()
         loss.backward()
@@ -207,20 +207,29 @@ def test_index_is_used_by_search_and_matches_exact(setup, capsys):
     assert search(store, q, 5, "emb", exact=False)[1] == "exact"
 
 
-def test_dedup_groups_the_copies_and_pairs_no_distinct_scenes(setup, tmp_path):
+def test_dedup_groups_the_copies_and_pairs_no_distinct_scenes(setup, tmp_path, capsys):
+    """Measured over training seeds 0-5 (AVRAY_TEST_SEED): the copies' best clip pairs score
+    0.951-0.992 on the lower of picture and sound, distinct scenes' at most 0.705, so 0.85 has room
+    on both sides for another machine's arithmetic. (On the fused `emb` distinct scenes reached 0.94
+    and, on CI once, 0.95: their silent clips share one audio vector.)"""
     out = tmp_path / "dups.parquet"
-    assert dedup(DedupConfig(emb=str(setup["emb"]), out=str(out))) == 0  # the default threshold, 0.95
+    assert dedup(DedupConfig(emb=str(setup["emb"]), out=str(out), threshold=0.85)) == 0
+    assert "at cosine >= 0.85 (video_emb and audio_emb), 1 group(s) of near-duplicate videos among 7 videos" in capsys.readouterr().out
     t = pq.read_table(out)
     names = {Path(p).name for c in ("source_path_a", "source_path_b") for p in t.column(c).to_pylist()}
     assert names == {"scene_00000.mp4", "copy_recoded.mp4", "copy_recut.mp4"}, t.to_pandas()
     assert set(t.column("group").to_pylist()) == {0}
-    assert all(s >= 0.95 for s in t.column("score").to_pylist())
+    assert all(s >= 0.85 for s in t.column("score").to_pylist())
 
 
 def test_pairs_and_groups_by_hand():
     v = np.array([[1, 0], [1, 0], [0, 1], [0.6, 0.8], [1, 0]], np.float32)
-    i, j, s = duplicate_pairs(v, ["a", "a", "b", "c", "d"], 0.99, block=2)
+    i, j, s = duplicate_pairs([v], ["a", "a", "b", "c", "d"], 0.99, block=2)
     assert list(zip(i.tolist(), j.tolist())) == [(0, 4), (1, 4)]  # 0-1: same video, not compared
+    # with a second matrix a pair must match in both: rows 1 and 4 look alike but sound different
+    sound = np.array([[0, 1], [1, 0], [0, 1], [0, 1], [0, 1]], np.float32)
+    i, j, s = duplicate_pairs([v, sound], ["a", "a", "b", "c", "d"], 0.99, block=2)
+    assert list(zip(i.tolist(), j.tolist())) == [(0, 4)] and s.tolist() == [1.0]
     assert groups([("a", "d"), ("c", "b"), ("d", "e")]) == {"a": 0, "d": 0, "e": 0, "b": 1, "c": 1}
 
 
