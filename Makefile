@@ -33,7 +33,7 @@ demo: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/avray serve --localization $(DEMO)/runs/localization/model.pt \
 	  --separation $(DEMO)/runs/separation/model.pt --captioning $(DEMO)/runs/captioning/model.pt \
-	  --retrieval $(DEMO)/runs/retrieval/model.pt --embeddings $(DEMO)/emb
+	  --retrieval $(DEMO)/runs/retrieval/model.pt --embeddings $(DEMO)/emb --examples $(DEMO)/media
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

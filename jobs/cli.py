@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "search": "jobs.search",
     "index": "jobs.index",
     "dedup": "jobs.dedup",
+    "export": "jobs.export",
     "serve": "jobs.serve",
 }
 
@@ -52,6 +53,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         meta = f.metadata
         if "help" not in meta:
             raise TypeError(f"{cls.__name__}.{f.name} has no help text")
+        if f.name == "command":  # the subcommand's own dest: the option would replace it
+            raise TypeError(f"{cls.__name__}.command: an option may not be named 'command'")
         tp, _ = _unwrap_optional(hints[f.name])
         kwargs: dict[str, Any] = {"help": meta["help"]}
         has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING

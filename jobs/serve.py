@@ -52,6 +52,8 @@ ServeConfig = dataclasses.make_dataclass("ServeConfig", [
       for t in TASKS),
     ("embeddings", str | None, field(default=None, metadata={
         "help": "an avray embed folder to search (POST /v1/search; needs the --retrieval checkpoint that made it)"})),
+    ("examples", str | None, field(default=None, metadata={
+        "help": "a folder of media files the web page (GET /) offers as examples"})),
     ("config", str, field(default=DEFAULT_CONFIG, metadata={"help": "Serve config file: deployment settings and default args"})),
     ("host", str, field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0 exposes the service)"})),
     ("port", int, field(default=8000, metadata={"help": "HTTP port"})),
@@ -110,7 +112,7 @@ def run(cfg: ServeConfig) -> int:
     args = dict(app_cfg.get("args") or {})
     if any(getattr(cfg, t) for t in TASKS):  # checkpoints on the command line replace the file's
         args.update({t: getattr(cfg, t) for t in TASKS})
-    overrides = {k: getattr(cfg, k) for k in ("embeddings", "token", "max_upload_mb", "max_seconds", "batching")}
+    overrides = {k: getattr(cfg, k) for k in ("embeddings", "examples", "token", "max_upload_mb", "max_seconds", "batching")}
     args.update({k: v for k, v in overrides.items() if v is not None})
     served = AppArgs.from_dict(args)  # bad args fail here, before Ray starts
     http = dict(raw.get("http_options") or {})
@@ -132,7 +134,7 @@ def run(cfg: ServeConfig) -> int:
         app = application(args, app_cfg.get("deployments"))  # after ray.init: use_gpu auto looks at the cluster
         serve.run(app, name=app_cfg.get("name", "avray"), route_prefix=app_cfg.get("route_prefix", "/"))
         routes = [get(t).route.path for t in TASKS if t in served.checkpoints] + ["/v1/search"] * bool(served.embeddings)
-        print(f"avray serve: http://{cfg.host}:{cfg.port}  routes: {', '.join(routes)}, /healthz, /v1/models, /docs"
+        print(f"avray serve: http://{cfg.host}:{cfg.port}/ (the web page)  routes: {', '.join(routes)}, /healthz, /v1/models, /docs"
               + ("  (bearer token required)" if served.token else ""), flush=True)
         print("  Ctrl-C stops", flush=True)
         while not stop.wait(1.0):

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
@@ -45,6 +45,7 @@ class AppArgs:
 
     checkpoints: dict[str, str] = field(default_factory=dict)  # task -> checkpoint; a route per task given
     embeddings: str | None = None    # an avray embed folder: POST /v1/search over it (with its retrieval checkpoint)
+    examples: str | None = None      # a folder of media files offered by the web page (GET /v1/examples)
     max_upload_mb: float = 50.0      # larger uploads: 413
     max_seconds: float = 60.0        # longer media: 413
     max_pixels: int = 1920 * 1080    # larger frames: 413
@@ -64,6 +65,8 @@ class AppArgs:
                 raise ValueError(f"unknown task {t!r}; known tasks: {sorted(TASKS)}")
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{t} checkpoint not found: {path}")
+        if self.examples is not None and not os.path.isdir(self.examples):
+            raise FileNotFoundError(f"examples folder not found: {self.examples}")
         if self.max_upload_mb <= 0 or self.max_seconds <= 0 or self.max_pixels <= 0:
             raise ValueError("max_upload_mb, max_seconds and max_pixels must be > 0")
         if self.max_batch_size < 1 or self.batch_wait_ms < 0:
@@ -91,8 +94,9 @@ class AppArgs:
             raise ValueError(f"unknown serve args {unknown}; known: {sorted(names | set(TASKS))}")
         kw = {k: v for k, v in d.items() if k in names}
         kw["token"] = kw.get("token") or os.environ.get("AVRAY_TOKEN") or None
-        if kw.get("embeddings"):
-            kw["embeddings"] = os.path.abspath(kw["embeddings"])
+        for folder in ("embeddings", "examples"):
+            if kw.get(folder):
+                kw[folder] = os.path.abspath(kw[folder])
         return cls(checkpoints={t: os.path.abspath(d[t]) for t in TASKS if d.get(t)}, **kw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -198,6 +202,10 @@ class Searcher:
         return {"clips": found, "search": how, "ms": (time.perf_counter() - t0) * 1000}
 
 
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html"), encoding="utf-8") as _f:
+    PAGE = _f.read()  # GET /: the web page (plain HTML + JS, no build step, nothing from elsewhere)
+RETRY_AFTER_S = 1  # every 503 says when to retry: the app's own and the proxy's (Ingress backpressure_config)
+_RETRY = {"Retry-After": str(RETRY_AFTER_S)}
 _ALLOWED_TYPES = ("video/", "application/octet-stream", "application/mp4", "application/x-matroska")
 
 app = FastAPI(
@@ -298,10 +306,10 @@ class Ingress:
         try:
             out = await self.decoder.remote(task.name, data, options)
         except BackPressureError as e:
-            raise HTTPException(503, f"overloaded, retry later ({e.message})", headers={"Retry-After": "1"}) from e
+            raise HTTPException(503, f"overloaded, retry later ({e.message})", headers=_RETRY) from e
         if "error" in out:
             status, message = out["error"]
-            raise HTTPException(status, message, headers={"Retry-After": "1"} if status == 503 else None)
+            raise HTTPException(status, message, headers=_RETRY if status == 503 else None)
         out["meta"]["timing"]["decoder"] = (time.perf_counter() - t0) * 1000
         return out["result"], out["meta"]
 
@@ -344,9 +352,36 @@ class Ingress:
             body["unknown_words"] = meta["unknown_words"]
         return self._timed(JSONResponse(body), {**meta["timing"], "search": found["ms"]})
 
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        """The web page: drop a video (or pick an example) and see every served model's answer."""
+        return HTMLResponse(PAGE)
+
+    def _examples(self) -> list[str]:
+        from pipelines.sources import MEDIA_EXTENSIONS
+
+        folder = self.args.examples
+        if folder is None:
+            return []
+        return sorted(f for f in os.listdir(folder) if os.path.splitext(f)[1].lower() in MEDIA_EXTENSIONS
+                      and os.path.isfile(os.path.join(folder, f)))
+
+    @app.get("/v1/examples")
+    async def examples(self, request: Request) -> dict[str, Any]:
+        """The media files of the examples folder (avray serve --examples), by name."""
+        self._auth(request)
+        return {"examples": self._examples()}
+
+    @app.get("/v1/examples/{name}")
+    async def example(self, name: str, request: Request) -> FileResponse:
+        self._auth(request)
+        if name not in self._examples():  # only a listed file: no other path is ever opened
+            raise HTTPException(404, f"no example named {name!r}")
+        return FileResponse(os.path.join(self.args.examples, name))
+
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "models": sorted(self.models)}
+        return {"status": "ok", "models": sorted(self.models), "token_required": self.args.token is not None}
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
@@ -374,7 +409,9 @@ def build(args: AppArgs, deployments: list[dict[str, Any]]):
             o.setdefault("ray_actor_options", {}).setdefault("num_gpus", 0.25)
         return ModelServer.options(name=task.deployment, **o).bind(task.name, plain)
 
+    ingress = dict(opts.get("Ingress", {}))
+    ingress.setdefault("backpressure_config", {"retry_after_s": RETRY_AFTER_S})  # the proxy's 503s say when, too
     handles = {t: model(get(t)) for t in TASKS if t in args.checkpoints}
     decoder = Decoder.options(**opts.get("Decoder", {})).bind(plain, **handles)
     searcher = Searcher.options(**opts.get("Searcher", {})).bind(plain) if args.embeddings else None
-    return Ingress.options(**opts.get("Ingress", {})).bind(plain, decoder, searcher, **handles)
+    return Ingress.options(**ingress).bind(plain, decoder, searcher, **handles)

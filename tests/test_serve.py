@@ -90,7 +90,7 @@ def server(ray_local, tmp_path_factory, media):
     emb = embeddings_of([media["scene"], FIXTURES / "grid_brbk7n.mpg"], tmp_path_factory.mktemp("serve-emb"),
                         ckpts["retrieval"])
     port = _free_port()
-    args = {**ckpts, "embeddings": str(emb), "token": TOKEN, "max_seconds": MAX_SECONDS, "max_upload_mb": MAX_UPLOAD_MB,
+    args = {**ckpts, "embeddings": str(emb), "examples": str(media["scene"].parent), "token": TOKEN, "max_seconds": MAX_SECONDS, "max_upload_mb": MAX_UPLOAD_MB,
             "max_batch_size": 4, "batch_wait_ms": 2}
     small = {"ray_actor_options": {"num_cpus": 0.1}}
     deployments = [{"name": "Ingress", "max_ongoing_requests": 2, "max_queued_requests": 2, **small},
@@ -125,7 +125,8 @@ def replica_pids(name: str) -> set[int]:
 def test_health_models_and_docs(server):
     from jobs.tasks import TASKS, get
 
-    assert requests.get(f"{server}/healthz", timeout=30).json() == {"status": "ok", "models": sorted(TASKS)}
+    assert requests.get(f"{server}/healthz", timeout=30).json() == {"status": "ok", "models": sorted(TASKS),
+                                                                   "token_required": True}
     models = requests.get(f"{server}/v1/models", headers=AUTH, timeout=30).json()
     assert sorted(models["models"]) == sorted(TASKS)
     sep = models["models"]["separation"]
@@ -139,7 +140,7 @@ def test_health_models_and_docs(server):
     assert {"/v1/localize", "/v1/separate", "/v1/caption", "/healthz", "/v1/models"} <= set(spec["paths"])
     assert {get(t).route.path for t in TASKS} <= set(spec["paths"])
     # each route's options are documented and validated parameters
-    assert {p["name"] for p in spec["paths"]["/v1/caption"]["post"]["parameters"]} == {"beam_size"}
+    assert {p["name"] for p in spec["paths"]["/v1/caption"]["post"]["parameters"]} == {"beam_size", "sound"}
     assert requests.get(f"{server}/docs", timeout=30).status_code == 200
 
 
@@ -224,6 +225,8 @@ def test_caption_video_image_and_beam(server, media):
     d = r.json()
     assert d["audio_used"] is False and len(d["clips"]) == 1
     r = post(server, "/v1/caption", media["silent"])  # a video without sound is captioned without it
+    assert r.status_code == 200 and r.json()["audio_used"] is False and len(r.json()["clips"]) == 2
+    r = post(server, "/v1/caption", media["scene"], params={"sound": "false"})  # and one with, when asked
     assert r.status_code == 200 and r.json()["audio_used"] is False and len(r.json()["clips"]) == 2
 
 
@@ -354,12 +357,16 @@ def test_burst_beyond_queue_gets_503_then_service_answers(server, media):
     body = Path(media["scene"]).read_bytes()
 
     def one(_):
-        return post(server, "/v1/separate", data=body).status_code
+        r = post(server, "/v1/separate", data=body)
+        return r.status_code, r.headers.get("retry-after")
 
     with ThreadPoolExecutor(24) as pool:
-        codes = list(pool.map(one, range(24)))
-    # the ingress holds 2 requests and queues 2: the rest of a simultaneous burst is refused
+        answers = list(pool.map(one, range(24)))
+    codes = [c for c, _ in answers]
+    # the ingress holds 2 requests and queues 2: the rest of a simultaneous burst is refused, each
+    # refusal (the proxy's, past the Ingress queue) saying when to retry
     assert set(codes) <= {200, 503} and codes.count(503) >= 10 and codes.count(200) >= 2, codes
+    assert {after for c, after in answers if c == 503} == {"1"}
     assert post(server, "/v1/separate", data=body).status_code == 200
 
 
@@ -474,7 +481,7 @@ def test_cli_serve_runs_until_ctrl_c(tmp_path, sigint):
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # until EOF
     reader.start()
-    banner = f"avray serve: http://127.0.0.1:{port}  routes: /v1/localize, /healthz, /v1/models, /docs\n"
+    banner = f"avray serve: http://127.0.0.1:{port}/ (the web page)  routes: /v1/localize, /healthz, /v1/models, /docs\n"
     try:
         deadline = time.monotonic() + 120
         while banner not in lines and time.monotonic() < deadline:  # printed once the app is running
@@ -494,6 +501,104 @@ def test_cli_serve_runs_until_ctrl_c(tmp_path, sigint):
     out = "".join(lines)
     assert proc.returncode == 0, out
     assert "avray serve: shutting down" in out
+
+
+# -- the web page -------------------------------------------------------------------------------
+
+
+def test_examples_are_listed_files_only(server, media):
+    assert requests.get(f"{server}/v1/examples", timeout=30).status_code == 401
+    r = requests.get(f"{server}/v1/examples", headers=AUTH, timeout=30)
+    assert r.json() == {"examples": ["scene_00000.mp4"]}  # the folder's media; its ground-truth JSON is not
+    r = requests.get(f"{server}/v1/examples/scene_00000.mp4", headers=AUTH, timeout=30)
+    assert r.status_code == 200 and r.content == media["scene"].read_bytes()
+    for name in ("scene_00000.json", "..%2F..%2Fetc%2Fpasswd", "nothing.mp4"):
+        r = requests.get(f"{server}/v1/examples/{name}", headers=AUTH, timeout=30)
+        assert r.status_code == 404, (name, r.status_code)
+
+
+def _browser():
+    """Headless Chromium (Debian's chromium + chromium-driver) driven by Selenium; nothing downloads."""
+    import shutil
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (binary and driver):
+        pytest.skip("Chromium is absent (apt-get install chromium chromium-driver; .ci/run installs them)")
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not fetch a browser or a driver
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1600",
+                "--autoplay-policy=no-user-gesture-required"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
+
+
+def test_web_page_in_a_real_browser(server, media, tmp_path):
+    """GET / in headless Chromium: the page asks for the token, offers the example, and for an
+    uploaded scene shows the heatmap overlay, the two captions per clip, one playable audio per
+    speaker over boxes that can be dragged and separated again, and each answer's Server-Timing;
+    a video without sound shows the API's own error messages."""
+    from PIL import Image
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = _browser()
+    try:
+        wait = WebDriverWait(browser, 90)
+        browser.get(server + "/")
+        wait.until(lambda b: b.find_element(By.ID, "auth").is_displayed())
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "save-token").click()
+        wait.until(lambda b: b.find_element(By.ID, "examples-box").is_displayed())
+        assert [o.text for o in browser.find_elements(By.CSS_SELECTOR, "#examples option")][1:] == ["scene_00000.mp4"]
+
+        def answers(n):
+            wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-answers") == str(n))
+
+        browser.find_element(By.ID, "file").send_keys(str(media["scene"]))
+        answers(1)
+        assert browser.find_element(By.ID, "error").text == ""
+        for kind, sound in (("sound", "true"), ("muted", "false")):  # what the API answers (untrained: maybe no words)
+            api = [c["caption"] or "(no words)" for c in
+                   post(server, "/v1/caption", media["scene"], params={"sound": sound}).json()["clips"]]
+            assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, f"#captions .cap-{kind}")] == api
+        assert browser.execute_script("const i = document.getElementById('overlay'); return [i.complete, i.naturalWidth]") == [True, 64]
+        wait.until(lambda b: b.execute_script(
+            "return [...document.querySelectorAll('#speakers audio')].every(a => a.duration > 0)"))
+        durations = browser.execute_script("return [...document.querySelectorAll('#speakers audio')].map(a => a.duration)")
+        assert durations == [4.0, 4.0]  # two speakers, the scene's 2 clips of 2 s
+        for card in ("localize", "caption", "separate"):
+            assert "decode " in browser.find_element(By.ID, f"{card}-timing").text
+        # the scene is 128 x 128: default boxes are two vertical strips; drag the first 20 px to the right
+        assert browser.execute_script("return boxes") == [[0, 0, 64, 128], [64, 0, 128, 128]]
+        canvas = browser.find_element(By.ID, "boxes")
+        scale = canvas.size["width"] / 128
+        ActionChains(browser).move_to_element_with_offset(canvas, int(-32 * scale), 0).click_and_hold() \
+            .move_by_offset(int(20 * scale), 0).release().perform()
+        moved = browser.execute_script("return boxes")[0]
+        assert moved[1:4:2] == [0, 128] and 15 <= moved[0] <= 25 and moved[2] - moved[0] == 64, moved
+        browser.find_element(By.ID, "separate-again").click()
+        answers(2)
+        assert browser.find_element(By.ID, "error").text == ""
+        assert [round(v) for v in browser.execute_script("return boxes")[0]] == [round(v) for v in moved]
+        shot = tmp_path / "page.png"
+        browser.save_screenshot(str(shot))
+        pixels = np.asarray(Image.open(shot).convert("RGB"))
+        assert pixels.shape[1] == 1280, pixels.shape
+        assert pixels.std() > 20 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200  # not a blank page
+
+        browser.find_element(By.ID, "file").send_keys(str(media["silent"]))  # no sound: two routes refuse it
+        answers(3)
+        error = browser.find_element(By.ID, "error").text
+        assert "/v1/localize: 422 the video has no audio stream, and this route needs its sound" in error
+        assert "/v1/separate: 422 the video has no audio stream, and this route needs its sound" in error
+    finally:
+        browser.quit()
 
 
 # -- the plain pieces ---------------------------------------------------------------------------

@@ -155,11 +155,14 @@ def test_served_inputs_are_the_training_inputs_bit_for_bit(scenes):
 
     cap = get("captioning")
     cfg = cap.presets["tiny"]
-    item, meta = cap.from_upload(data, cfg, SETTINGS, options={"beam_size": 1}, **LIMITS)
+    item, meta = cap.from_upload(data, cfg, SETTINGS, options={"beam_size": 1, "sound": True}, **LIMITS)
     train = cap.prepare(first, cfg, targets=False)
     assert meta["audio_used"] is True and set(item) == {"frames", "logmel", "beam_size"}
     np.testing.assert_array_equal(item["frames"], train["frames"])
     np.testing.assert_array_equal(item["logmel"], train["logmel"])
+    muted, meta = cap.from_upload(data, cfg, SETTINGS, options={"beam_size": 1, "sound": False}, **LIMITS)
+    assert meta["audio_used"] is False and muted["logmel"] is None
+    np.testing.assert_array_equal(muted["frames"], train["frames"])
 
 
 def test_localization_serves_letterboxed_clips_letterboxed_and_maps_peaks_to_source(tmp_path):

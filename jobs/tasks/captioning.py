@@ -37,7 +37,8 @@ class Captioning(CaptionVocabulary, Task):
     route = Route(
         "/v1/caption", upload="video or image", image_ok=True, needs_audio=False,
         summary="What happens: one caption per clip (a still image is one clip, captioned without sound).",
-        options=(Option("beam_size", int, 1, "1: greedy decoding", checks={"ge": 1, "le": MAX_BEAM}),))
+        options=(Option("beam_size", int, 1, "1: greedy decoding", checks={"ge": 1, "le": MAX_BEAM}),
+                 Option("sound", bool, True, "false: caption as if the video were silent (what the pictures alone say)")))
 
     def prepare(self, batch: dict[str, Any], cfg: CaptioningConfig, targets: bool = True) -> dict[str, np.ndarray]:
         """-> frames uint8 (B, T, 3, H, W), logmel float (B, M, N) and, with `targets`, tokens int64
@@ -95,7 +96,7 @@ class Captioning(CaptionVocabulary, Task):
     def request(self, rows, cfg, settings: ClipSettings, options):
         """Item: frames uint8 (C, T, 3, H, W), logmel (C, M, N) or None (no sound), beam_size."""
         x = self.prepare(rows, cfg, targets=False)
-        heard = bool(rows["has_audio"].all())
+        heard = bool(rows["has_audio"].all()) and bool(options["sound"])
         return ({"frames": x["frames"], "logmel": x["logmel"] if heard else None, "beam_size": int(options["beam_size"])},
                 {"audio_used": heard})
 
