@@ -76,10 +76,12 @@ def run(cfg: EvaluateConfig) -> int:
     task.figure(model, first, model.cfg, figure, n=cfg.examples)
     report = {"task": cfg.task, "checkpoint": os.path.abspath(cfg.checkpoint), "data": os.path.abspath(cfg.data),
               "split": cfg.split, "clips": clips, "trained_epochs": ckpt["extra"].get("epoch", -1) + 1,
-              "seconds": round(time.perf_counter() - t0, 2), "metrics": metrics, "figure": figure}
+              "seconds": round(time.perf_counter() - t0, 2), "headline": task.headline(metrics), "metrics": metrics,
+              "figure": figure}
     with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
         json.dump(report, f, indent=2)
-    print(f"avray evaluate {cfg.task}: {clips} clips from {cfg.data}")
+    print(f"avray evaluate {cfg.task}: {report['headline']}")
+    print(f"  {clips} clips from {cfg.data}")
     for k, v in metrics.items():
         print(f"  {k:32s} {v:.4f}")
     print(f"  wrote {os.path.join(cfg.out, 'metrics.json')} and {figure}")

@@ -96,6 +96,8 @@ def test_every_task_trains_saves_loads_evaluates_and_serves(name, scenes, tmp_pa
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     metrics = task.evaluate(loaded, [batch], cfg)
     assert metrics and all(isinstance(v, float) and np.isfinite(v) for v in metrics.values())
+    line = task.headline(metrics)  # one line, from these metrics
+    assert line and "\n" not in line and len(line) <= 140, line
     task.figure(loaded, batch, cfg, str(tmp_path / "figure.png"), n=2)
     assert (tmp_path / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -132,6 +132,11 @@ class Task(abc.ABC):
     def figure(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: Any, path: str, n: int = 4) -> None:
         """A PNG of n examples of one collated batch."""
 
+    @abc.abstractmethod
+    def headline(self, metrics: dict[str, float]) -> str:
+        """One line of `evaluate`'s metrics that says whether the model works (avray evaluate
+        prints it first and stores it in metrics.json; make demo prints one per model)."""
+
     # -- serving ----------------------------------------------------------------------------
 
     def clip_settings(self, trained: ClipSettings) -> ClipSettings:

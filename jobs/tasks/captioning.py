@@ -75,6 +75,11 @@ class Captioning(CaptionVocabulary, Task):
                 res[f"sounding_object_acc_{name}"] = sounding_object_accuracy(h, refs)
         return res
 
+    def headline(self, metrics: dict[str, float]) -> str:
+        return (f"names the sounding object in {metrics['sounding_object_acc_audio']:.0%} of captions with sound, "
+                f"{metrics['sounding_object_acc_no_audio']:.0%} without; CIDEr {metrics['cider_audio']:.2f} "
+                f"({int(metrics['captions'])} clips)")
+
     @torch.no_grad()
     def figure(self, model, batch: dict[str, torch.Tensor], cfg, path: str, n: int = 4) -> None:
         """Middle frame of n clips with the reference caption and greedy captions with / without audio."""

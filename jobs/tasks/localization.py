@@ -133,6 +133,10 @@ class Localization(Task):
                 ax.axis("off")
         save_figure(fig, path)
 
+    def headline(self, metrics: dict[str, float]) -> str:
+        return (f"cIoU@0.5 {metrics['ciou50_own_audio']:.2f} with the clip's sound, {metrics['ciou50_silent_audio']:.2f} "
+                f"with silence ({int(metrics['clips_with_box'])} clips with a sounding object)")
+
     # -- serving ----------------------------------------------------------------------------
 
     def request(self, rows, cfg, settings: ClipSettings, options):

@@ -125,6 +125,10 @@ class Retrieval(CaptionVocabulary, Task):
         res["temperature"] = float((-model.logit_scale.clamp(max=MAX_LOGIT_SCALE)).exp())
         return res
 
+    def headline(self, metrics: dict[str, float]) -> str:
+        return (f"text->video R@10 {metrics['text_to_video_r10']:.2f}, audio->video R@1 {metrics['audio_to_video_r1']:.2f} "
+                f"(chance {metrics['chance_r1']:.3f}) among {int(metrics['clips'])} clips")
+
     @torch.no_grad()
     def figure(self, model, batch: dict[str, torch.Tensor], cfg, path: str, n: int = 4) -> None:
         """Text-to-video similarities of the batch's clips, and the top 5 clips (middle frames with

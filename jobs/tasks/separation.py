@@ -104,6 +104,13 @@ class Separation(Task):
         res["mixtures"] = float(sum(len(v) for v in acc["si_sdri"]))
         return res
 
+    def headline(self, metrics: dict[str, float]) -> str:
+        if "si_sdri" not in metrics:
+            return "no mixture of audible clips to score"
+        wrong = metrics.get("si_sdri_wrong_visual")
+        return (f"SI-SDRi {metrics['si_sdri']:.1f} dB" + ("" if wrong is None else f", {wrong:.1f} dB with the speakers' "
+                "faces swapped") + f" ({int(metrics['mixtures'])} mixtures)")
+
     @torch.no_grad()
     def figure(self, model, batch: dict[str, torch.Tensor], cfg, path: str, n: int = 2) -> None:
         """Log spectrograms of mixture, estimate and reference for each speaker of n mixtures."""
