@@ -6,7 +6,7 @@ latency exact vs approximate on 10^4, 10^5, 10^6 vectors with the approximate in
     per CPU, 1 torch thread each), timed from the command's start with Ray already running;
     against the same tiny model's forward pass alone (encode_video + encode_audio) on the same
     clips, prepared in memory beforehand, in this process with 2 torch threads (both cores) and
-    glibc's allocator set as in the actors (jobs.embed.keep_freed_memory).
+    glibc's allocator set as in the actors (jobs.allocator.keep_freed_memory).
     Ratio = embed clips/s / forward clips/s (target >= 0.8). Median of --runs.
 (b) search: N unit vectors (D = 64, the tiny preset's) in --clusters clusters (a random centre
     each, plus Gaussian noise of --spread, normalised: embeddings of a dataset cluster by content;
@@ -82,7 +82,8 @@ def forward_alone(ckpt: str, clips: Path, batch_size: int, threads: int) -> floa
     import torch
 
     from jobs.data import numpy_batches
-    from jobs.embed import Embedder, keep_freed_memory
+    from jobs.allocator import keep_freed_memory
+    from jobs.embed import Embedder
     from jobs.tasks import get
     from jobs.tasks.base import as_tensors, to_model
 

@@ -9,6 +9,8 @@ not depend on training) with the clip settings `make demo` trains on (2 s clips,
           `Task.from_upload` + `Task.infer([item])`: the work of one request without Serve;
   serve:  `avray serve`'s application (jobs.serve.application) on a local Ray with 2 CPUs, one
           replica per deployment (autoscaling off, so batched and unbatched compare like for like),
+          uploads decoded in the ingress (avray serve's default), and at c = 1 also in a Decoder
+          deployment (decode_in "decoder", the cluster topology: one hop more),
           queues large enough that no request is refused; an asyncio + aiohttp client keeps
           `c` requests in flight (c = 1, 8, 32) until --requests have completed or --seconds
           have passed (after 4 warm-up requests).
@@ -74,9 +76,13 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def direct(route: str, path: str, data: bytes, n: int, seconds: float) -> dict[str, float]:
-    """Latency of decode + model for one request, in a loop in this process."""
+    """Latency of decode + model for one request, in a loop in this process (glibc's allocator set
+    as in the serving replicas: jobs.allocator.keep_freed_memory)."""
     import torch
 
+    from jobs.allocator import keep_freed_memory
+
+    keep_freed_memory()
     from jobs.serve_app import AppArgs
     from jobs.tasks import load_checkpoint, served_config
 
@@ -167,7 +173,7 @@ def server_timing(header: str) -> dict[str, float]:
 
 
 def run_serve(ckpts: dict[str, str], data: bytes, routes: list[str], conc: list[int], batching: bool,
-              port: int, n: int, seconds: float) -> dict[tuple[str, int], dict[str, float]]:
+              port: int, n: int, seconds: float, decode_in: str = "ingress") -> dict[tuple[str, int], dict[str, float]]:
     from ray import serve
 
     from jobs.serve import application
@@ -179,14 +185,14 @@ def run_serve(ckpts: dict[str, str], data: bytes, routes: list[str], conc: list[
                     "ray_actor_options": {"num_cpus": 0.5}}]
     deployments += [{"name": name, "num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": -1,
                      "ray_actor_options": {"num_cpus": 0.25}} for name in (get(t).deployment for t in TASKS)]
-    args = {**ckpts, "batching": batching, "max_batch_size": 16}
+    args = {**ckpts, "batching": batching, "max_batch_size": 16, "decode_in": decode_in}
     serve.run(application(args, deployments), name="bench", route_prefix="/")
     out = {}
     for route in routes:
         for c in conc:
             out[(route, c)] = asyncio.run(_load(f"http://127.0.0.1:{port}/v1/{route}", data, c, max(n, 2 * c), seconds))
             r = out[(route, c)]
-            print(f"  serve {'batched' if batching else 'unbatched'} {route} c={c}: {r['rps']:.1f} req/s, "
+            print(f"  serve {'batched' if batching else 'unbatched'} decode in {decode_in} {route} c={c}: {r['rps']:.1f} req/s, "
                   f"p50 {r['p50'] * 1000:.1f} ms, p99 {r['p99'] * 1000:.1f} ms ({r['n']} requests)", flush=True)
     serve.delete("bench")
     return out
@@ -228,6 +234,8 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": a.port, "request_timeout_s": 120})
         batched = run_serve(ckpts, data, a.routes, a.concurrency, True, a.port, a.requests, a.seconds)
         unbatched = run_serve(ckpts, data, a.routes, a.concurrency, False, a.port, a.requests, a.seconds)
+        # the cluster topology: decode in a Decoder deployment (one hop more), at c = 1
+        hop = run_serve(ckpts, data, a.routes, [1], True, a.port, a.requests, a.seconds, decode_in="decoder")
         serve.shutdown()
     finally:
         ray.shutdown()
@@ -240,28 +248,32 @@ def main() -> None:
     for route in a.routes:
         b = base[route]
         lines.append(f"| {route} | direct loop (decode + model) | 1 | {b['rps']:.1f} | {b['p50'] * 1000:.1f} | {b['p99'] * 1000:.1f} |")
-        for mode, res in (("serve, @serve.batch", batched), ("serve, unbatched", unbatched)):
-            for c in a.concurrency:
+        for mode, res in (("serve, @serve.batch", batched), ("serve, unbatched", unbatched),
+                          ("serve, @serve.batch, decode in a Decoder deployment", hop)):
+            for c in sorted(c for r_, c in res if r_ == route):
                 r = res[(route, c)]
                 lines.append(f"| {route} | {mode} | {c} | {r['rps']:.1f} | {r['p50'] * 1000:.1f} | {r['p99'] * 1000:.1f} |")
-    lines += ["", f"| route | serving overhead, p50 at c = 1 (target ≤ 10 ms) | batched / unbatched requests/s at c = {cmax} (target ≥ 2) | the model alone: 16 requests batched / one by one | serve batched c = {cmax} / direct requests/s |",
-              "|---|---|---|---|---|"]
+    lines += ["", f"| route | serving overhead, p50 at c = 1 (target ≤ 10 ms) | … with a Decoder deployment | batched / unbatched requests/s at c = {cmax} (target ≥ 2) | the model alone: 16 requests batched / one by one | serve batched c = {cmax} / direct requests/s |",
+              "|---|---|---|---|---|---|"]
     for route in a.routes:
         over = (batched[(route, 1)]["p50"] - base[route]["p50"]) * 1000 if 1 in a.concurrency else float("nan")
+        over_hop = (hop[(route, 1)]["p50"] - base[route]["p50"]) * 1000
         gain = batched[(route, cmax)]["rps"] / unbatched[(route, cmax)]["rps"]
-        lines.append(f"| {route} | {over:+.1f} ms | **{gain:.2f}x** | {base[route]['model_gain']:.2f}x | "
+        lines.append(f"| {route} | {over:+.1f} ms | {over_hop:+.1f} ms | **{gain:.2f}x** | {base[route]['model_gain']:.2f}x | "
                      f"{batched[(route, cmax)]['rps'] / base[route]['rps']:.2f}x |")
     if 1 in a.concurrency:
         lines += ["", "Where a request's time goes, serve with @serve.batch at c = 1 (medians over the requests, ms, from the "
                       "`Server-Timing` header the service sends; HTTP + ingress = client latency − decoder round trip; "
                       f"last column: median requests per forward pass at c = {cmax}):", "",
-                  "| route | client p50 | HTTP + ingress | decoder hop | decode | model hop | forward pass | requests per batch, "
-                  f"c = {cmax} |", "|---|---|---|---|---|---|---|---|"]
+                  "| route | decode in | client p50 | HTTP + ingress | decoder hop | decode | model hop | forward pass | "
+                  f"requests per batch, c = {cmax} |", "|---|---|---|---|---|---|---|---|---|"]
         for route in a.routes:
-            r, t = batched[(route, 1)], batched[(route, 1)]["parts"]
-            lines.append(f"| {route} | {r['p50'] * 1000:.1f} | {r['p50'] * 1000 - t['decoder']:.1f} | "
-                         f"{t['decoder'] - t['decode'] - t['model']:.1f} | {t['decode']:.1f} | {t['model'] - t['inference']:.1f} | "
-                         f"{t['inference']:.1f} | {batched[(route, cmax)]['parts']['batch']:g} |")
+            for where, res in (("the ingress", batched), ("a Decoder deployment", hop)):
+                r, t = res[(route, 1)], res[(route, 1)]["parts"]
+                lines.append(f"| {route} | {where} | {r['p50'] * 1000:.1f} | {r['p50'] * 1000 - t['decoder']:.1f} | "
+                             f"{t['decoder'] - t['decode'] - t['model']:.1f} | {t['decode']:.1f} | "
+                             f"{t['model'] - t['inference']:.1f} | {t['inference']:.1f} | "
+                             f"{batched[(route, cmax)]['parts']['batch']:g} |")
     md = "\n".join(lines)
     print(md)
     if a.write:

@@ -55,28 +55,6 @@ def checkpoint_id(path: str) -> str:
     return h.hexdigest()
 
 
-def keep_freed_memory(limit: int = 1 << 30) -> bool:
-    """Let glibc's malloc keep freed memory for the next batch instead of giving it back to the
-    kernel (M_MMAP_THRESHOLD and M_TRIM_THRESHOLD = `limit`); False where there is no glibc.
-
-    By default an allocation over the mmap threshold (128 kB, adapting up to 32 MB) is its own
-    mmap and freed memory at the top of the heap beyond the trim threshold is returned at once, so
-    each forward pass's activations (tensors of up to 13 MB for a 64-clip batch of the tiny preset
-    at 32 px) are page-faulted in, zeroed by the kernel, again at every batch. Measured on 2 cores,
-    that batch: 25,000 page faults (100 MB) a batch without this, about 170 with it; the forward pass alone
-    at 385 clips/s on 1 thread and 700 on 2 without, 530 and 960 with. Memory stays bounded by a
-    batch's peak, which the process holds anyway while it runs a batch."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, limit)) and bool(mallopt(M_TRIM_THRESHOLD, limit))
-
-
 class Embedder:
     """A retrieval model loaded once, embedding whole clip files: `embed_files` is the plain function
     (tested without Ray); `__call__` is the Ray Data actor's batch of files -> their summary rows."""
@@ -84,6 +62,7 @@ class Embedder:
     def __init__(self, checkpoint: str, store, schema, batch_size: int, device: str | None = None) -> None:
         import torch
 
+        from jobs.allocator import keep_freed_memory
         from jobs.tasks import get, load_checkpoint
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -7,8 +7,9 @@ image -> caption; ?beam_size=N), POST /v1/embed (text or media -> vectors in the
 POST /v1/search (text or media -> the closest clips of --embeddings), GET /healthz, GET
 /v1/models. Each task's route is served only
 when its checkpoint (from avray train) is given; uploads are decoded with the clip settings of
-the checkpoint's training data. A decode deployment (CPU, the ingest decoder) feeds one
-deployment per model (GPU when the cluster has one) with @serve.batch on model calls.
+the checkpoint's training data, in the ingress (or with --decode-in decoder a Decoder deployment,
+CPU, that scales apart), which feeds one deployment per model (GPU when the cluster has one) with
+@serve.batch on model calls. GET / is a web page to try the models in a browser.
 Deployment settings (replicas, autoscaling, max_ongoing_requests / max_queued_requests) come
 from the Serve config file, jobs/serve_config.yaml by default; options given here override its
 application args. The same app runs on a cluster with `serve run jobs/serve_config.yaml` or
@@ -62,6 +63,10 @@ ServeConfig = dataclasses.make_dataclass("ServeConfig", [
     ("max_seconds", float | None, field(default=None, metadata={"help": "media duration limit (default: the config's)"})),
     ("request_timeout_s", float | None, field(default=None, metadata={"help": "end-to-end timeout -> 408 (default: the config's)"})),
     ("batching", bool | None, field(default=None, metadata={"help": "@serve.batch on model calls (default: the config's)"})),
+    ("decode_in", str, field(default="ingress", metadata={
+        "help": "where uploads are decoded: ingress (its threads, one hop fewer) or decoder (a Decoder deployment "
+                "that scales apart, as jobs/serve_config.yaml sets for serve run on a cluster)",
+        "choices": ("ingress", "decoder")})),
     ("address", str | None, field(default=None, metadata={"help": "Ray address (default: RAY_ADDRESS, else a local Ray)"})),
 ], frozen=True)
 
@@ -112,7 +117,8 @@ def run(cfg: ServeConfig) -> int:
     args = dict(app_cfg.get("args") or {})
     if any(getattr(cfg, t) for t in TASKS):  # checkpoints on the command line replace the file's
         args.update({t: getattr(cfg, t) for t in TASKS})
-    overrides = {k: getattr(cfg, k) for k in ("embeddings", "examples", "token", "max_upload_mb", "max_seconds", "batching")}
+    overrides = {k: getattr(cfg, k) for k in ("embeddings", "examples", "token", "max_upload_mb", "max_seconds", "batching",
+                                              "decode_in")}
     args.update({k: v for k, v in overrides.items() if v is not None})
     served = AppArgs.from_dict(args)  # bad args fail here, before Ray starts
     http = dict(raw.get("http_options") or {})

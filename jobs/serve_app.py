@@ -1,13 +1,14 @@
 """The Ray Serve application behind `avray serve` (built by `build`; `jobs.serve.build_app` for
 `serve run`): glue only, every task's work is its module's (jobs/tasks).
 
-    HTTP ─▶ Ingress (FastAPI: auth, limits, one route per served task, answer formats)
-              └▶ Decoder (CPU: Task.from_upload in threads) ─▶ one ModelServer per task
-                                                              (Task.infer; GPU when present, @serve.batch)
+    HTTP ─▶ Ingress (FastAPI: auth, limits, one route per served task, answer formats, the web page)
+              └▶ DecodeAndInfer (CPU: Task.from_upload in threads; in the ingress, or in a Decoder
+                 deployment with decode_in "decoder") ─▶ one ModelServer per task
+                                                          (Task.infer; GPU when present, @serve.batch)
 
-Clip arrays go decoder -> model once; the ingress sees only bytes in and results out. Expected
-failures (bad media, limits, bad options) come back from the decoder as `{"error": (status,
-message)}`, which the ingress turns into 4xx JSON: `{"detail": "what was wrong"}`.
+Clip arrays go decoder -> model once. Expected failures (bad media, limits, bad options) come back
+from the decode step as `{"error": (status, message)}`, which the ingress turns into 4xx JSON:
+`{"detail": "what was wrong"}`.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations as objects
@@ -55,6 +56,8 @@ class AppArgs:
     batch_wait_ms: float = 0.0       # how long a batch waits to fill (a lone request waits this long); 0: a
                                      # batch is what queued up while the previous one ran
     use_gpu: str = "auto"            # auto: model deployments take a GPU share when the cluster has GPUs
+    decode_in: str = "ingress"       # ingress: the ingress decodes uploads (threads) and calls the model, one hop;
+                                     # decoder: a Decoder deployment does, scaling apart from the ingress (clusters)
 
     def __post_init__(self) -> None:
         if not self.checkpoints:
@@ -73,6 +76,8 @@ class AppArgs:
             raise ValueError("max_batch_size must be >= 1 and batch_wait_ms >= 0")
         if self.use_gpu not in ("auto", "yes", "no"):
             raise ValueError(f"use_gpu must be auto, yes or no, got {self.use_gpu!r}")
+        if self.decode_in not in ("ingress", "decoder"):
+            raise ValueError(f"decode_in must be ingress or decoder, got {self.decode_in!r}")
         if self.embeddings is not None:
             from pipelines.embedstore import EmbeddingStore
 
@@ -108,16 +113,18 @@ class AppArgs:
         return {"max_pixels": self.max_pixels, "max_seconds": self.max_seconds}
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5})
-class Decoder:
-    """CPU side of a request: the upload decoded with its model's training clip settings and
-    prepared by its task (`Task.from_upload`, in a thread so that several decodes overlap), handed
-    to the model's deployment; returns its result with what the ingress needs to answer."""
+class DecodeAndInfer:
+    """The CPU side of a request: the upload decoded with its model's training clip settings and
+    prepared by its task (`Task.from_upload`, in a thread so that several decodes overlap), then
+    the model deployment's answer. Run by the ingress itself (decode_in "ingress": one hop fewer)
+    or by the Decoder deployment (decode_in "decoder": decode replicas scale apart)."""
 
-    def __init__(self, args: dict[str, Any], **models) -> None:
-        self.args = AppArgs.from_dict(args)
-        self.models = models  # task -> DeploymentHandle
-        self.served = {t: served_config(self.args.checkpoints[t], task=t) for t in models}  # task -> (Task, cfg, settings)
+    def __init__(self, args: "AppArgs", models: dict[str, Any]) -> None:
+        from jobs.allocator import keep_freed_memory
+
+        keep_freed_memory()  # each decode's frames reuse the last one's memory instead of page-faulting anew
+        self.args, self.models = args, models  # task -> DeploymentHandle
+        self.served = {t: served_config(args.checkpoints[t], task=t) for t in models}  # task -> (Task, cfg, settings)
 
     async def __call__(self, task: str, data: bytes, options: dict[str, Any]) -> dict[str, Any]:
         """-> {"result": the model's answer, "meta": ...}, or {"error": (status, message)}. meta["timing"]:
@@ -138,6 +145,17 @@ class Decoder:
         return {"result": out["result"], "meta": meta}
 
 
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class Decoder:
+    """DecodeAndInfer as its own deployment (decode_in "decoder")."""
+
+    def __init__(self, args: dict[str, Any], **models) -> None:
+        self.work = DecodeAndInfer(AppArgs.from_dict(args), models)
+
+    async def __call__(self, task: str, data: bytes, options: dict[str, Any]) -> dict[str, Any]:
+        return await self.work(task, data, options)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})  # the models + decoder + ingress fit 2 CPUs
 class ModelServer:
     """One task's model; `__call__(item)` goes through `@serve.batch` (args.batching) or alone."""
@@ -146,6 +164,10 @@ class ModelServer:
         self.args = AppArgs.from_dict(args)
         self.task, self.path = get(task), self.args.checkpoints[task]
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            from jobs.allocator import keep_freed_memory
+
+            keep_freed_memory()  # see there: a third faster forward pass in a replica of 0.25 CPU
         self.model, self.ckpt = load_checkpoint(self.path, self.device, task=task)
         self._batched.set_max_batch_size(self.args.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.args.batch_wait_ms / 1000.0)
@@ -252,9 +274,11 @@ for _name in TASKS:
 @serve.deployment(ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, args: dict[str, Any], decoder, searcher=None, **models) -> None:
+    def __init__(self, args: dict[str, Any], decoder=None, searcher=None, **models) -> None:
         self.args = AppArgs.from_dict(args)
-        self.decoder, self.searcher = decoder, searcher
+        self.searcher = searcher
+        # decoder None: this replica decodes (decode_in "ingress"), else the Decoder deployment's handle
+        self.decode = DecodeAndInfer(self.args, models) if decoder is None else decoder.remote
         self.models = models  # task -> DeploymentHandle, in TASKS order
         self.max_bytes = int(self.args.max_upload_mb * 1024 * 1024)
 
@@ -301,10 +325,11 @@ class Ingress:
         return self._timed(response, meta["timing"])
 
     async def _run(self, task: Task, data: bytes | None, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        """Decoder -> model for one request: (the model's result, the answer's metadata with `timing`)."""
+        """Decode -> model for one request: (the model's result, the answer's metadata with `timing`;
+        its `decoder`: the decode and model round trip from here)."""
         t0 = time.perf_counter()
         try:
-            out = await self.decoder.remote(task.name, data, options)
+            out = await self.decode(task.name, data, options)
         except BackPressureError as e:
             raise HTTPException(503, f"overloaded, retry later ({e.message})", headers=_RETRY) from e
         if "error" in out:
@@ -412,6 +437,6 @@ def build(args: AppArgs, deployments: list[dict[str, Any]]):
     ingress = dict(opts.get("Ingress", {}))
     ingress.setdefault("backpressure_config", {"retry_after_s": RETRY_AFTER_S})  # the proxy's 503s say when, too
     handles = {t: model(get(t)) for t in TASKS if t in args.checkpoints}
-    decoder = Decoder.options(**opts.get("Decoder", {})).bind(plain, **handles)
+    decoder = Decoder.options(**opts.get("Decoder", {})).bind(plain, **handles) if args.decode_in == "decoder" else None
     searcher = Searcher.options(**opts.get("Searcher", {})).bind(plain) if args.embeddings else None
     return Ingress.options(**ingress).bind(plain, decoder, searcher, **handles)

@@ -112,11 +112,11 @@ def post(server, route, path=None, *, data=None, ctype="video/mp4", headers=AUTH
     return requests.post(f"{server}{route}", files=files, data=form, params=params, headers=headers, timeout=120)
 
 
-def replica_pids(name: str) -> set[int]:
+def replica_pids(name: str, app: str = "avray-test") -> set[int]:
     from ray._private import state
 
     return {a["Pid"] for a in state.actors().values()
-            if a["State"] == "ALIVE" and f"ServeReplica:avray-test:{name}" in a.get("ActorClassName", "") + str(a.get("Name", ""))}
+            if a["State"] == "ALIVE" and f"ServeReplica:{app}:{name}" in a.get("ActorClassName", "") + str(a.get("Name", ""))}
 
 
 # -- routes -------------------------------------------------------------------------------------
@@ -280,6 +280,31 @@ def test_server_timing_header_says_where_the_time_went(server, media, route):
     assert t["decoder"] >= t["decode"] + t["model"] and t["model"] >= t["inference"] > 0 and t["decode"] > 0
 
 
+def test_decode_in_a_decoder_deployment(server, media, tmp_path):
+    """decode_in "decoder" (the cluster topology of jobs/serve_config.yaml): a Decoder deployment
+    decodes and calls the model; the answers and the Server-Timing intervals are those of the
+    ingress-decoding app the other tests use (which has no Decoder replica)."""
+    from ray import serve
+
+    from jobs.serve import application
+
+    ckpt = tiny_checkpoints(tmp_path, CLIP, ["a red circle hums"])["localization"]
+    small = {"ray_actor_options": {"num_cpus": 0.1}}
+    serve.run(application({"localization": ckpt, "decode_in": "decoder"},
+                          [{"name": n, **small} for n in ("Ingress", "Decoder", "Localizer")]),
+              name="avray-hop", route_prefix="/hop")
+    try:
+        assert len(replica_pids("Decoder", app="avray-hop")) == 1 and not replica_pids("Decoder")
+        r = post(server, "/hop/v1/localize", media["scene"], headers={})
+        assert r.status_code == 200 and r.json()["frames_sampled"] == 2 * T
+        t = server_timing(r.headers["Server-Timing"])
+        assert t["decoder"] >= t["decode"] + t["model"] and t["model"] >= t["inference"] > 0
+        r = post(server, "/hop/v1/localize", media["silent"], headers={})  # the decoder's errors reach the client
+        assert r.status_code == 422 and r.json()["detail"] == "the video has no audio stream, and this route needs its sound"
+    finally:
+        serve.delete("avray-hop")
+
+
 @pytest.mark.parametrize("name,clips", [("grid_lbax4n.mpg", 1), ("kinetics_test.avi", 3), ("no_duration.webm", None)])
 def test_every_route_on_shared_real_videos(server, shared_media, name, clips):
     """Real files from ../shared/media: MPEG-PS GRID speech, an AVI with B-frames, a WebM
@@ -336,7 +361,7 @@ def test_missing_file_field_and_auth(server, media):
 
 
 def test_bad_requests_kill_no_replica(server, media):
-    before = {n: replica_pids(n) for n in ("Ingress", "Decoder", "Localizer")}
+    before = {n: replica_pids(n) for n in ("Ingress", "Localizer")}
     assert all(len(p) == 1 for p in before.values()), before
     for body in (b"", b"junk" * 100, Path(media["silent"]).read_bytes()):
         assert post(server, "/v1/localize", data=body).status_code in (400, 422)
@@ -453,6 +478,10 @@ def test_app_args_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown task 'vqa'"):
         AppArgs(checkpoints={"vqa": str(tmp_path / "m.pt")})
     (tmp_path / "m.pt").write_bytes(b"x")
+    with pytest.raises(ValueError, match="decode_in must be ingress or decoder, got 'gpu'"):
+        AppArgs.from_dict({"localization": str(tmp_path / "m.pt"), "decode_in": "gpu"})
+    with pytest.raises(FileNotFoundError, match="examples folder not found: .*nowhere"):
+        AppArgs.from_dict({"localization": str(tmp_path / "m.pt"), "examples": str(tmp_path / "nowhere")})
     monkeypatch.setenv("AVRAY_TOKEN", "from-env")
     assert AppArgs.from_dict({"localization": str(tmp_path / "m.pt")}).token == "from-env"
 
