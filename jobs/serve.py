@@ -62,7 +62,8 @@ ServeConfig = dataclasses.make_dataclass("ServeConfig", [
     ("max_upload_mb", float | None, field(default=None, metadata={"help": "upload size limit (default: the config's)"})),
     ("max_seconds", float | None, field(default=None, metadata={"help": "media duration limit (default: the config's)"})),
     ("request_timeout_s", float | None, field(default=None, metadata={"help": "end-to-end timeout -> 408 (default: the config's)"})),
-    ("batching", bool | None, field(default=None, metadata={"help": "@serve.batch on model calls (default: the config's)"})),
+    ("batching", bool | None, field(default=None, metadata={
+        "help": "@serve.batch on model calls (default: the config's auto, i.e. on GPU replicas only)"})),
     ("decode_in", str, field(default="ingress", metadata={
         "help": "where uploads are decoded: ingress (its threads, one hop fewer) or decoder (a Decoder deployment "
                 "that scales apart, as jobs/serve_config.yaml sets for serve run on a cluster)",

@@ -51,7 +51,8 @@ class AppArgs:
     max_seconds: float = 60.0        # longer media: 413
     max_pixels: int = 1920 * 1080    # larger frames: 413
     token: str | None = None         # bearer token for /v1 routes (None: open)
-    batching: bool = True            # @serve.batch on model calls (False: one request per call)
+    batching: str = "auto"           # @serve.batch on model calls: yes, no, or auto (on GPU replicas only: on CPU
+                                     # it measured 0.76-1.03x, BENCHMARKS.md); true / false mean yes / no
     max_batch_size: int = 16         # requests per model call when batching
     batch_wait_ms: float = 0.0       # how long a batch waits to fill (a lone request waits this long); 0: a
                                      # batch is what queued up while the previous one ran
@@ -76,6 +77,8 @@ class AppArgs:
             raise ValueError("max_batch_size must be >= 1 and batch_wait_ms >= 0")
         if self.use_gpu not in ("auto", "yes", "no"):
             raise ValueError(f"use_gpu must be auto, yes or no, got {self.use_gpu!r}")
+        if self.batching not in ("auto", "yes", "no"):
+            raise ValueError(f"batching must be auto, yes or no (or true / false), got {self.batching!r}")
         if self.decode_in not in ("ingress", "decoder"):
             raise ValueError(f"decode_in must be ingress or decoder, got {self.decode_in!r}")
         if self.embeddings is not None:
@@ -99,6 +102,8 @@ class AppArgs:
             raise ValueError(f"unknown serve args {unknown}; known: {sorted(names | set(TASKS))}")
         kw = {k: v for k, v in d.items() if k in names}
         kw["token"] = kw.get("token") or os.environ.get("AVRAY_TOKEN") or None
+        if isinstance(kw.get("batching"), bool):  # the config file's and the CLI's true / false
+            kw["batching"] = "yes" if kw["batching"] else "no"
         for folder in ("embeddings", "examples"):
             if kw.get(folder):
                 kw[folder] = os.path.abspath(kw[folder])
@@ -158,7 +163,8 @@ class Decoder:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})  # the models + decoder + ingress fit 2 CPUs
 class ModelServer:
-    """One task's model; `__call__(item)` goes through `@serve.batch` (args.batching) or alone."""
+    """One task's model; `__call__(item)` goes through `@serve.batch` (args.batching: yes, or auto
+    on a GPU) or alone."""
 
     def __init__(self, task: str, args: dict[str, Any]) -> None:
         self.args = AppArgs.from_dict(args)
@@ -169,6 +175,7 @@ class ModelServer:
 
             keep_freed_memory()  # see there: a third faster forward pass in a replica of 0.25 CPU
         self.model, self.ckpt = load_checkpoint(self.path, self.device, task=task)
+        self.batching = self.args.batching == "yes" or (self.args.batching == "auto" and self.device.type == "cuda")
         self._batched.set_max_batch_size(self.args.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.args.batch_wait_ms / 1000.0)
 
@@ -180,11 +187,11 @@ class ModelServer:
                 "trained_epochs": int(extra.get("epoch", -1)) + 1, "clip_settings": trained.to_dict(),
                 "upload_clip_settings": self.task.clip_settings(trained).to_dict(), "config": self.ckpt["config"],
                 "parameters": sum(p.numel() for p in self.model.parameters()),
-                "batching": self.args.batching, "max_batch_size": self.args.max_batch_size}
+                "batching": self.batching, "max_batch_size": self.args.max_batch_size}
 
     async def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         """-> {"result": the task's result, "ms": the forward pass's milliseconds, "batch": requests in it}."""
-        if self.args.batching:
+        if self.batching:
             return await self._batched(item)
         return (await self._infer([item]))[0]
 

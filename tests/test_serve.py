@@ -90,7 +90,8 @@ def server(ray_local, tmp_path_factory, media):
     emb = embeddings_of([media["scene"], FIXTURES / "grid_brbk7n.mpg"], tmp_path_factory.mktemp("serve-emb"),
                         ckpts["retrieval"])
     port = _free_port()
-    args = {**ckpts, "embeddings": str(emb), "examples": str(media["scene"].parent), "token": TOKEN, "max_seconds": MAX_SECONDS, "max_upload_mb": MAX_UPLOAD_MB,
+    args = {**ckpts, "embeddings": str(emb), "examples": str(media["scene"].parent), "token": TOKEN,
+            "batching": True, "max_seconds": MAX_SECONDS, "max_upload_mb": MAX_UPLOAD_MB,
             "max_batch_size": 4, "batch_wait_ms": 2}
     small = {"ray_actor_options": {"num_cpus": 0.1}}
     deployments = [{"name": "Ingress", "max_ongoing_requests": 2, "max_queued_requests": 2, **small},
@@ -295,6 +296,8 @@ def test_decode_in_a_decoder_deployment(server, media, tmp_path):
               name="avray-hop", route_prefix="/hop")
     try:
         assert len(replica_pids("Decoder", app="avray-hop")) == 1 and not replica_pids("Decoder")
+        # batching "auto" (the default): off on a CPU replica
+        assert requests.get(f"{server}/hop/v1/models", timeout=30).json()["models"]["localization"]["batching"] is False
         r = post(server, "/hop/v1/localize", media["scene"], headers={})
         assert r.status_code == 200 and r.json()["frames_sampled"] == 2 * T
         t = server_timing(r.headers["Server-Timing"])
@@ -478,6 +481,10 @@ def test_app_args_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown task 'vqa'"):
         AppArgs(checkpoints={"vqa": str(tmp_path / "m.pt")})
     (tmp_path / "m.pt").write_bytes(b"x")
+    assert AppArgs.from_dict({"localization": str(tmp_path / "m.pt")}).batching == "auto"
+    assert AppArgs.from_dict({"localization": str(tmp_path / "m.pt"), "batching": False}).batching == "no"
+    with pytest.raises(ValueError, match="batching must be auto, yes or no"):
+        AppArgs.from_dict({"localization": str(tmp_path / "m.pt"), "batching": "sometimes"})
     with pytest.raises(ValueError, match="decode_in must be ingress or decoder, got 'gpu'"):
         AppArgs.from_dict({"localization": str(tmp_path / "m.pt"), "decode_in": "gpu"})
     with pytest.raises(FileNotFoundError, match="examples folder not found: .*nowhere"):
