@@ -33,7 +33,7 @@ demo: $(STAMP)
 	@echo
 	@echo "The shipped models ($(CKPT)/, how they were trained: $(CKPT)/README.md) on the demo's 32 held-out scenes:"
 	@for tp in $(SHIPPED); do $(BIN)/python -c 'import json, sys; r = json.load(open(sys.argv[1])); \
-	  print("  %-13s %s\n  %-13s figure: %s" % (r["task"], r["headline"], "", r["figure"]))' $(DEMO)/eval/$${tp%%:*}/metrics.json; done
+	  print("  %-13s %s\n  %-13s figure: %s" % (r["task"], r["headline"], "", r["figure"]))' $(DEMO)/eval/$${tp%%:*}/metrics.json || exit 1; done
 	@echo "A short training run of the pipeline: $(DEMO)/runs/localization (3 epochs on the demo scenes; not served)"
 	@echo
 	@echo "Serve the shipped models:  make serve   then open http://127.0.0.1:8000/ (the web page), or from another shell:"
@@ -42,22 +42,23 @@ demo: $(STAMP)
 	@echo "  curl -F file=@$(DEMO)/media/scene_00000.mp4 -o speakers.zip http://127.0.0.1:8000/v1/separate"
 	@echo "  curl -F text='a red circle on the left hums' http://127.0.0.1:8000/v1/search"
 
-# The shipped checkpoints again, from scratch: 3,000 scenes (seed 0), the training commands that
-# made them (recorded in each checkpoint and in checkpoints/README.md; about 70 minutes on 2 cores), then
-# `avray export`. Writes checkpoints/*.pt.
-PRE := bench-out/pretrained
-TRAIN_localization := --task localization --data $(PRE)/data-96px/clips --out $(PRE)/runs/localization --preset tiny --epochs 4 --batch-size 32 --lr 0.001 --val-fraction 0.1 --use-gpu no --address local --torch-threads 2
-TRAIN_separation := --task separation --data $(PRE)/data-96px/clips --out $(PRE)/runs/separation --preset tiny --epochs 5 --batch-size 8 --lr 0.001 --val-fraction 0.03 --use-gpu no --address local --torch-threads 2
-TRAIN_captioning := --task captioning --data $(PRE)/data-64px/clips --out $(PRE)/runs/captioning --preset tiny --epochs 18 --batch-size 16 --lr 0.001 --val-fraction 0.03 --use-gpu no --address local --torch-threads 1
-TRAIN_retrieval := --task retrieval --data $(PRE)/data-32px/clips --out $(PRE)/runs/retrieval --preset tiny --epochs 14 --batch-size 64 --lr 0.001 --val-fraction 0.03 --use-gpu no --address local --torch-threads 2
+# The shipped checkpoints again, from scratch: 3,000 scenes (seed 0) and the training commands that
+# made them, in the quality benchmark's folders (recorded in each checkpoint and in checkpoints/README.md;
+# about 70 minutes on 2 cores), then `avray export`. Writes checkpoints/*.pt.
+PRE := bench-out/quality
+TRAIN_localization := --task localization --data $(PRE)/data-train/clips --out $(PRE)/runs/localization --preset tiny --epochs 4 --batch-size 32 --lr 0.001 --val-fraction 0.1 --use-gpu no --address local --torch-threads 2
+TRAIN_separation := --task separation --data $(PRE)/data-train/clips --out $(PRE)/runs/separation-av --preset tiny --epochs 5 --batch-size 8 --lr 0.001 --val-fraction 0.03 --use-gpu no --address local --torch-threads 2
+TRAIN_captioning := --task captioning --data $(PRE)/data-train-64px/clips --out $(PRE)/runs/captioning --preset tiny --epochs 18 --batch-size 16 --lr 0.001 --val-fraction 0.03 --use-gpu no --address local --torch-threads 1
+TRAIN_retrieval := --task retrieval --data $(PRE)/data-train-32px/clips --out $(PRE)/runs/retrieval --preset tiny --epochs 14 --batch-size 64 --lr 0.001 --val-fraction 0.03 --use-gpu no --address local --torch-threads 2
 pretrained: $(STAMP)
-	$(BIN)/avray synth -o $(PRE)/media --videos 3000 --seed 0 --seconds 4 --size 96 --max-objects 3
-	for px in 96 64 32; do \
-	  $(BIN)/avray preprocess $(PRE)/media/manifest.jsonl --out $(PRE)/data-$${px}px --size $$px --fps 8 --num-cpus 2 || exit 1; done
+	$(BIN)/avray synth -o $(PRE)/media-train --videos 3000 --seed 0 --seconds 4 --size 96 --max-objects 3
+	$(BIN)/avray preprocess $(PRE)/media-train/manifest.jsonl --out $(PRE)/data-train --size 96 --fps 8 --num-cpus 2
+	for px in 64 32; do \
+	  $(BIN)/avray preprocess $(PRE)/media-train/manifest.jsonl --out $(PRE)/data-train-$${px}px --size $$px --fps 8 --num-cpus 2 || exit 1; done
 	$(BIN)/avray train $(TRAIN_localization)
 	$(BIN)/avray export $(PRE)/runs/localization/model.pt $(CKPT)/localization.pt --trained-with "avray train $(TRAIN_localization)"
 	$(BIN)/avray train $(TRAIN_separation)
-	$(BIN)/avray export $(PRE)/runs/separation/model.pt $(CKPT)/separation.pt --trained-with "avray train $(TRAIN_separation)"
+	$(BIN)/avray export $(PRE)/runs/separation-av/model.pt $(CKPT)/separation.pt --trained-with "avray train $(TRAIN_separation)"
 	$(BIN)/avray train $(TRAIN_captioning)
 	$(BIN)/avray export $(PRE)/runs/captioning/model.pt $(CKPT)/captioning.pt --trained-with "avray train $(TRAIN_captioning)"
 	$(BIN)/avray train $(TRAIN_retrieval)

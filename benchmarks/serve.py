@@ -273,7 +273,7 @@ def main() -> None:
                 lines.append(f"| {route} | {where} | {r['p50'] * 1000:.1f} | {r['p50'] * 1000 - t['decoder']:.1f} | "
                              f"{t['decoder'] - t['decode'] - t['model']:.1f} | {t['decode']:.1f} | "
                              f"{t['model'] - t['inference']:.1f} | {t['inference']:.1f} | "
-                             f"{batched[(route, cmax)]['parts']['batch']:g} |")
+                             + (f"{batched[(route, cmax)]['parts']['batch']:g} |" if res is batched else "– |"))
     md = "\n".join(lines)
     print(md)
     if a.write:

@@ -16,7 +16,7 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
     at 385 clips/s on 1 thread and 700 on 2 without, 530 and 960 with. Memory stays bounded by a
     batch's peak, which the process holds anyway while it runs a batch. A serving replica's
     localization forward pass of one request (tiny preset, 1 thread, in a Ray task of 0.25 CPU):
-    61-65 ms without, 45-49 ms with (three runs)."""
+    61-65 ms without, 45-49 ms with (three runs; benchmarks/allocator.py)."""
     import ctypes
 
     try:

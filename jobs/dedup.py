@@ -4,7 +4,8 @@ Every clip is compared with every clip of another video (exact, in blocks: memor
 scores). By default (`--column both`) a pair's score is the lower of its picture similarity
 (`video_emb`) and its sound similarity (`audio_emb`): a duplicate looks *and* sounds alike. On the
 fused `emb` alone, two different videos' silent stretches (identical sound, so identical audio
-vectors) pair up whenever their pictures are merely similar. Writes a Parquet table of the pairs
+vectors) pair up whenever their pictures are merely similar; under `both` two silent stretches
+still pair when their pictures alone score above the threshold. Writes a Parquet table of the pairs
 (clip, video, source path and start of both, their score) whose `group` is the connected component
 of the videos the pairs join, so copies of a video (re-encoded, re-cut, shifted in time) land in
 one group; prints the groups. Clips of one video are not compared with each other (their
@@ -43,7 +44,9 @@ def duplicate_pairs(matrices, videos, threshold: float, block: int = 4096):
     matrices = [np.asarray(m) for m in matrices]
     I, J, S = [], [], []
     for s in range(0, len(videos), block):
-        scores = np.min([m[s:s + block] @ m.T for m in matrices], axis=0)  # (b, N)
+        scores = matrices[0][s:s + block] @ matrices[0].T  # (b, N): one block of scores in memory
+        for m in matrices[1:]:
+            np.minimum(scores, m[s:s + block] @ m.T, out=scores)
         i, j = np.nonzero(scores >= threshold)
         i = i + s
         keep = (i < j) & (videos[i] != videos[j])

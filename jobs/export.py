@@ -30,8 +30,8 @@ def run(cfg: ExportConfig) -> int:
     from jobs.tasks import load_checkpoint
     from models.checkpoint import save_checkpoint
 
-    if os.path.abspath(cfg.checkpoint) == os.path.abspath(cfg.out):
-        raise ValueError("--out must differ from the checkpoint: the export drops its training state")
+    if os.path.exists(cfg.out) and os.path.samefile(cfg.checkpoint, cfg.out):
+        raise ValueError("OUT must differ from the checkpoint: the export drops its training state")
     model, ckpt = load_checkpoint(cfg.checkpoint)
     if "clip_settings" not in ckpt["extra"]:
         raise ValueError(f"{cfg.checkpoint} has no clip_settings: serving could not decode uploads like its "

@@ -3,13 +3,14 @@
 Routes (FastAPI; OpenAPI at /docs): POST /v1/localize (video -> heatmap per sampled frame and
 its peak; ?overlay=png for an animated PNG), POST /v1/separate (video + optional speaker boxes
 -> one WAV per speaker: a zip, or ?format=json with base64 WAVs), POST /v1/caption (video or
-image -> caption; ?beam_size=N), POST /v1/embed (text or media -> vectors in the joint space),
+image -> caption; ?beam_size=N, ?sound=false), POST /v1/embed (text or media -> vectors in the joint space),
 POST /v1/search (text or media -> the closest clips of --embeddings), GET /healthz, GET
-/v1/models. Each task's route is served only
+/v1/models, GET / (a web page), GET /v1/examples (--examples). Each task's route is served only
 when its checkpoint (from avray train) is given; uploads are decoded with the clip settings of
 the checkpoint's training data, in the ingress (or with --decode-in decoder a Decoder deployment,
 CPU, that scales apart), which feeds one deployment per model (GPU when the cluster has one) with
-@serve.batch on model calls. GET / is a web page to try the models in a browser.
+@serve.batch on model calls where it pays (batching auto: GPU replicas). GET / is a web page to
+try the models in a browser.
 Deployment settings (replicas, autoscaling, max_ongoing_requests / max_queued_requests) come
 from the Serve config file, jobs/serve_config.yaml by default; options given here override its
 application args. The same app runs on a cluster with `serve run jobs/serve_config.yaml` or
@@ -64,9 +65,9 @@ ServeConfig = dataclasses.make_dataclass("ServeConfig", [
     ("request_timeout_s", float | None, field(default=None, metadata={"help": "end-to-end timeout -> 408 (default: the config's)"})),
     ("batching", bool | None, field(default=None, metadata={
         "help": "@serve.batch on model calls (default: the config's auto, i.e. on GPU replicas only)"})),
-    ("decode_in", str, field(default="ingress", metadata={
+    ("decode_in", str | None, field(default=None, metadata={
         "help": "where uploads are decoded: ingress (its threads, one hop fewer) or decoder (a Decoder deployment "
-                "that scales apart, as jobs/serve_config.yaml sets for serve run on a cluster)",
+                "that scales apart, for clusters) (default: the config's, ingress)",
         "choices": ("ingress", "decoder")})),
     ("address", str | None, field(default=None, metadata={"help": "Ray address (default: RAY_ADDRESS, else a local Ray)"})),
 ], frozen=True)

@@ -4,7 +4,7 @@
     HTTP ─▶ Ingress (FastAPI: auth, limits, one route per served task, answer formats, the web page)
               └▶ DecodeAndInfer (CPU: Task.from_upload in threads; in the ingress, or in a Decoder
                  deployment with decode_in "decoder") ─▶ one ModelServer per task
-                                                          (Task.infer; GPU when present, @serve.batch)
+                                       (Task.infer; GPU when present, @serve.batch there: batching auto)
 
 Clip arrays go decoder -> model once. Expected failures (bad media, limits, bad options) come back
 from the decode step as `{"error": (status, message)}`, which the ingress turns into 4xx JSON:
@@ -59,11 +59,12 @@ class AppArgs:
     use_gpu: str = "auto"            # auto: model deployments take a GPU share when the cluster has GPUs
     decode_in: str = "ingress"       # ingress: the ingress decodes uploads (threads) and calls the model, one hop;
                                      # decoder: a Decoder deployment does, scaling apart from the ingress (clusters)
+    max_decodes: int = 4             # uploads decoded at once by one replica (the ingress's or a Decoder's)
 
     def __post_init__(self) -> None:
         if not self.checkpoints:
             raise ValueError("give at least one checkpoint: " + ", ".join(f"--{t}" for t in TASKS)
-                             + " (make demo trains tiny ones under demo/runs)")
+                             + " (trained ones ship in checkpoints/)")
         for t, path in self.checkpoints.items():
             if t not in TASKS:
                 raise ValueError(f"unknown task {t!r}; known tasks: {sorted(TASKS)}")
@@ -73,6 +74,8 @@ class AppArgs:
             raise FileNotFoundError(f"examples folder not found: {self.examples}")
         if self.max_upload_mb <= 0 or self.max_seconds <= 0 or self.max_pixels <= 0:
             raise ValueError("max_upload_mb, max_seconds and max_pixels must be > 0")
+        if self.max_decodes < 1:
+            raise ValueError("max_decodes must be >= 1")
         if self.max_batch_size < 1 or self.batch_wait_ms < 0:
             raise ValueError("max_batch_size must be >= 1 and batch_wait_ms >= 0")
         if self.use_gpu not in ("auto", "yes", "no"):
@@ -130,6 +133,7 @@ class DecodeAndInfer:
         keep_freed_memory()  # each decode's frames reuse the last one's memory instead of page-faulting anew
         self.args, self.models = args, models  # task -> DeploymentHandle
         self.served = {t: served_config(args.checkpoints[t], task=t) for t in models}  # task -> (Task, cfg, settings)
+        self.slots = asyncio.Semaphore(args.max_decodes)  # past it, requests wait for a decode thread
 
     async def __call__(self, task: str, data: bytes, options: dict[str, Any]) -> dict[str, Any]:
         """-> {"result": the model's answer, "meta": ...}, or {"error": (status, message)}. meta["timing"]:
@@ -137,7 +141,8 @@ class DecodeAndInfer:
         t0 = time.perf_counter()
         t, cfg, settings = self.served[task]
         try:
-            item, meta = await asyncio.to_thread(t.from_upload, data, cfg, settings, options=options, **self.args.limits)
+            async with self.slots:
+                item, meta = await asyncio.to_thread(t.from_upload, data, cfg, settings, options=options, **self.args.limits)
         except RequestError as e:
             return {"error": (e.status, e.message)}
         t1 = time.perf_counter()
@@ -278,7 +283,7 @@ for _name in TASKS:
     _add_route(get(_name))
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1})
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})  # it decodes uploads (decode_in "ingress")
 @serve.ingress(app)
 class Ingress:
     def __init__(self, args: dict[str, Any], decoder=None, searcher=None, **models) -> None:
@@ -313,10 +318,10 @@ class Ingress:
         return data
 
     async def answer(self, task: Task, request: Request, file: UploadFile | None, options: dict[str, Any]) -> Response:
-        """A task's route: auth, the upload read within the limits, decoder -> model, the task's answer
-        with a Server-Timing header: ms in the decoder deployment (round trip from the ingress),
-        decoding, the model deployment (round trip from the decoder), its forward pass, and how many
-        requests shared that forward pass."""
+        """A task's route: auth, the upload read within the limits, decode -> model, the task's answer
+        with a Server-Timing header: ms of decode and model together (round trip from the ingress),
+        decoding, the model deployment (round trip from where the upload was decoded), its forward
+        pass, and how many requests shared that forward pass."""
         self._auth(request)
         if task.name not in self.models:
             raise HTTPException(404, f"no {task.name} model is loaded (start avray serve with --{task.name} CHECKPOINT)")
@@ -337,7 +342,8 @@ class Ingress:
         t0 = time.perf_counter()
         try:
             out = await self.decode(task.name, data, options)
-        except BackPressureError as e:
+        except BackPressureError as e:  # the Decoder deployment's queue (decode_in "decoder"); in the ingress
+            # DecodeAndInfer turns the model deployment's into {"error": (503, ...)} itself
             raise HTTPException(503, f"overloaded, retry later ({e.message})", headers=_RETRY) from e
         if "error" in out:
             status, message = out["error"]
@@ -442,7 +448,8 @@ def build(args: AppArgs, deployments: list[dict[str, Any]]):
         return ModelServer.options(name=task.deployment, **o).bind(task.name, plain)
 
     ingress = dict(opts.get("Ingress", {}))
-    ingress.setdefault("backpressure_config", {"retry_after_s": RETRY_AFTER_S})  # the proxy's 503s say when, too
+    # the proxy's 503s (past the Ingress queue) say when to retry, too, whatever else the config sets
+    ingress["backpressure_config"] = {"retry_after_s": RETRY_AFTER_S, **dict(ingress.get("backpressure_config") or {})}
     handles = {t: model(get(t)) for t in TASKS if t in args.checkpoints}
     decoder = Decoder.options(**opts.get("Decoder", {})).bind(plain, **handles) if args.decode_in == "decoder" else None
     searcher = Searcher.options(**opts.get("Searcher", {})).bind(plain) if args.embeddings else None

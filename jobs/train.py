@@ -176,6 +176,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     sched = cosine_schedule(opt, epochs * config["steps_per_epoch"]) if config["lr_schedule"] == "cosine" else None
     if saved is not None:
+        if "optimizer" not in saved["extra"]:
+            raise ValueError("the checkpoint to resume from has no optimizer state (an avray export?): "
+                             "resume from a run folder of avray train")
         opt.load_state_dict(saved["extra"]["optimizer"])
         if sched is not None and saved["extra"].get("scheduler") is not None:
             sched.load_state_dict(saved["extra"]["scheduler"])

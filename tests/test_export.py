@@ -36,7 +36,7 @@ def test_export_keeps_what_serving_reads_and_drops_the_optimizer(tmp_path, capsy
 
 def test_export_refuses_its_source_and_checkpoints_without_clip_settings(tmp_path):
     path = tiny_checkpoints(tmp_path, CLIP_SETTINGS, ["a red circle hums"])["captioning"]
-    with pytest.raises(ValueError, match="--out must differ from the checkpoint"):
+    with pytest.raises(ValueError, match="OUT must differ from the checkpoint"):
         export(ExportConfig(path, path))
     model, _ = load_checkpoint(path)
     bare = save_checkpoint(tmp_path / "bare.pt", "captioning", model, model.cfg, extra={"epoch": 0})

@@ -98,6 +98,8 @@ def test_every_task_trains_saves_loads_evaluates_and_serves(name, scenes, tmp_pa
     assert metrics and all(isinstance(v, float) and np.isfinite(v) for v in metrics.values())
     line = task.headline(metrics)  # one line, from these metrics
     assert line and "\n" not in line and len(line) <= 140, line
+    assert task.headline({}) in ("no clip with a sounding object to score", "no mixture of audible clips to score",
+                                 "too few clips to score (0)", "too few clips to rank (0)")  # evaluate had nothing to score
     task.figure(loaded, batch, cfg, str(tmp_path / "figure.png"), n=2)
     assert (tmp_path / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

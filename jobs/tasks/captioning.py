@@ -76,6 +76,8 @@ class Captioning(CaptionVocabulary, Task):
         return res
 
     def headline(self, metrics: dict[str, float]) -> str:
+        if "sounding_object_acc_audio" not in metrics:
+            return f"too few clips to score ({int(metrics.get('captions', 0))})"
         return (f"names the sounding object in {metrics['sounding_object_acc_audio']:.0%} of captions with sound, "
                 f"{metrics['sounding_object_acc_no_audio']:.0%} without; CIDEr {metrics['cider_audio']:.2f} "
                 f"({int(metrics['captions'])} clips)")

@@ -134,6 +134,8 @@ class Localization(Task):
         save_figure(fig, path)
 
     def headline(self, metrics: dict[str, float]) -> str:
+        if "ciou50_own_audio" not in metrics:
+            return "no clip with a sounding object to score"
         return (f"cIoU@0.5 {metrics['ciou50_own_audio']:.2f} with the clip's sound, {metrics['ciou50_silent_audio']:.2f} "
                 f"with silence ({int(metrics['clips_with_box'])} clips with a sounding object)")
 

@@ -126,6 +126,8 @@ class Retrieval(CaptionVocabulary, Task):
         return res
 
     def headline(self, metrics: dict[str, float]) -> str:
+        if "text_to_video_r10" not in metrics:
+            return f"too few clips to rank ({int(metrics.get('clips', 0))})"
         return (f"text->video R@10 {metrics['text_to_video_r10']:.2f}, audio->video R@1 {metrics['audio_to_video_r1']:.2f} "
                 f"(chance {metrics['chance_r1']:.3f}) among {int(metrics['clips'])} clips")
 
