@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "index": "jobs.index",
     "dedup": "jobs.dedup",
     "export": "jobs.export",
+    "manifest": "jobs.manifest",
     "serve": "jobs.serve",
 }
 

@@ -167,6 +167,7 @@ class Split:
     rows: int
     val_ids: Any = None  # pyarrow string array, or None: every row of `files`
     keep: bool = False  # keep (True) or drop (False) the rows of val_ids
+    filesystem: Any = None  # the pyarrow filesystem `files` are paths on (None: local)
 
     def read(self, columns: list[str], files: Any = None):
         """The split's rows of `files` (default: all of them) as one pyarrow Table."""
@@ -177,11 +178,11 @@ class Split:
         if self.val_ids is not None:
             flt = pc.field("video_id").isin(self.val_ids)
             flt = flt if self.keep else ~flt
-        return pads.dataset(list(self.files if files is None else files), format="parquet").to_table(
-            columns=columns, filter=flt)
+        return pads.dataset(list(self.files if files is None else files), format="parquet",
+                            filesystem=self.filesystem).to_table(columns=columns, filter=flt)
 
 
-def split_store(ids, val_ids) -> tuple[Split, Split]:
+def split_store(ids, val_ids, filesystem=None) -> tuple[Split, Split]:
     """(train, validation) Splits of a clip store. ids: video_id + __filename of every row. When
     no file holds clips of both sides (the clip store's layout: OUT/clips/<video_id>.parquet)
     each split reads only its own files; otherwise the files holding both are read by both
@@ -196,7 +197,7 @@ def split_store(ids, val_ids) -> tuple[Split, Split]:
         part = per_side.filter(pc.field("val") == val)
         counts = part.column("video_id_count").to_pylist()
         return Split(tuple(part.column("__filename").to_pylist()), tuple(counts), sum(counts),
-                     val_ids if mixed else None, keep=val)
+                     val_ids if mixed else None, keep=val, filesystem=filesystem)
 
     return side(False), side(True)
 
@@ -232,9 +233,28 @@ def clip_dataset(split: Split, columns: list[str], prepare=None, rows_per_task: 
         read, batch_size=1, batch_format="numpy")
 
 
-def clip_files(folder: str) -> list[str]:
-    files = [os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs
-             if f.endswith(".parquet") and not f.startswith((".", "_"))]
+def clip_folder(folder: str):
+    """(pyarrow filesystem, path on it) of a clip folder, local or a URI (s3://, gs://, ...);
+    FileNotFoundError when it is not a folder there."""
+    import pyarrow.fs as pafs
+
+    from pipelines.clipstore import filesystem
+
+    fs, root = filesystem(folder)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"no clip folder at {folder} (run avray preprocess first)")
+    return fs, root
+
+
+def clip_files(folder: str, filesystem=None) -> list[str]:
+    """The Parquet parts under `folder` (a path on `filesystem`; None: a local folder), not the
+    hidden or temporary ones."""
+    import pyarrow.fs as pafs
+
+    fs = filesystem or pafs.LocalFileSystem()
+    files = [i.path for i in fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+             if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+             and not i.base_name.startswith((".", "_"))]
     if not files:
         raise FileNotFoundError(f"no Parquet clips in {folder}")
     return files

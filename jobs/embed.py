@@ -59,7 +59,8 @@ class Embedder:
     """A retrieval model loaded once, embedding whole clip files: `embed_files` is the plain function
     (tested without Ray); `__call__` is the Ray Data actor's batch of files -> their summary rows."""
 
-    def __init__(self, checkpoint: str, store, schema, batch_size: int, device: str | None = None) -> None:
+    def __init__(self, checkpoint: str, store, schema, batch_size: int, device: str | None = None,
+                 filesystem=None) -> None:
         import torch
 
         from jobs.allocator import keep_freed_memory
@@ -71,6 +72,7 @@ class Embedder:
             keep_freed_memory()
         self.model, _ = load_checkpoint(checkpoint, self.device, task="retrieval")
         self.store, self.schema, self.batch_size = store, schema, batch_size
+        self.filesystem = filesystem  # what the clip files' paths are on (None: local)
         self.task = get("retrieval")
         # what is read of a clip file: what prepare reads, then the embeddings table's own columns
         self.read_columns = list(dict.fromkeys([*self.task.columns, *(schema.names if schema is not None else ())]))
@@ -195,7 +197,7 @@ class Embedder:
                 summaries[vid]["status"] = "skipped"
                 continue
             try:
-                pf = pq.ParquetFile(path)
+                pf = pq.ParquetFile(path, filesystem=self.filesystem)
                 names = set(pf.schema_arrow.names)
                 columns = [c for c in self.read_columns if c in names]
                 # one CPU per actor: no reader threads (measured 0.2 ms a file faster)
@@ -236,25 +238,24 @@ def run(cfg: EmbedConfig) -> int:
     import pyarrow.parquet as pq
     import ray
 
-    from jobs.data import clip_files
+    from jobs.data import clip_files, clip_folder
     from jobs.tasks import served_config
     from pipelines.clipstore import ClipStore
     from pipelines.schema import CLIP_SCHEMA, embedding_schema
 
-    if not os.path.isdir(cfg.data):
-        raise FileNotFoundError(f"no clip folder at {cfg.data} (run avray preprocess first)")
+    fs, data = clip_folder(cfg.data)  # local, or a URI (s3://...): read through pyarrow.fs
     if cfg.batch_size < 1 or cfg.files_per_task < 1 or cfg.actors < 0:
         raise ValueError("--batch-size and --files-per-task must be >= 1, --actors >= 0")
     _, mcfg, settings = served_config(cfg.checkpoint, task="retrieval")
-    files = sorted(clip_files(cfg.data))
-    carried = pa.schema([f for f in pq.read_schema(files[0]) if f.name not in CLIP_SCHEMA.names])
+    files = sorted(clip_files(data, fs))
+    carried = pa.schema([f for f in pq.read_schema(files[0], filesystem=fs) if f.name not in CLIP_SCHEMA.names])
     schema = embedding_schema(mcfg.embed_dim, carried)
     store = ClipStore(cfg.out, kind=EMBEDDINGS)
     if cfg.overwrite:
         store.clear()
     store.create()
     made_with = {"checkpoint": os.path.abspath(cfg.checkpoint), "checkpoint_sha1": checkpoint_id(cfg.checkpoint),
-                 "dim": mcfg.embed_dim, "data": os.path.abspath(cfg.data), "clip_settings": settings.to_dict()}
+                 "dim": mcfg.embed_dim, "data": cfg.data if "://" in cfg.data else os.path.abspath(cfg.data), "clip_settings": settings.to_dict()}
     previous = store.read_json("_config.json")
     if previous is not None and (previous["checkpoint_sha1"], previous["dim"]) != (made_with["checkpoint_sha1"], made_with["dim"]):
         raise ValueError(f"{cfg.out} holds embeddings of another checkpoint ({previous['checkpoint']}); "
@@ -285,7 +286,8 @@ def run(cfg: EmbedConfig) -> int:
             out = ds.map_batches(Embedder, batch_size=None, batch_format="numpy", concurrency=actors,
                                  num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
                                  fn_constructor_kwargs={"checkpoint": os.path.abspath(cfg.checkpoint), "store": store,
-                                                        "schema": schema, "batch_size": cfg.batch_size})
+                                                        "schema": schema, "batch_size": cfg.batch_size,
+                                                        "filesystem": fs})
             last = time.perf_counter()
             for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
                 rows.extend(batch.to_pylist())

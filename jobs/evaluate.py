@@ -43,11 +43,10 @@ def run(cfg: EvaluateConfig) -> int:
     import pyarrow.dataset as pads
     import torch
 
-    from jobs.data import numpy_batches, validation_videos
+    from jobs.data import clip_folder, numpy_batches, validation_videos
     from jobs.tasks import get, load_checkpoint
 
-    if not os.path.isdir(cfg.data):
-        raise FileNotFoundError(f"no clip folder at {cfg.data}")
+    clip_folder(cfg.data)  # local, or a URI (s3://...): pyarrow.dataset reads either
     if cfg.batch_size < 2:
         raise ValueError("--batch-size must be >= 2")
     task = get(cfg.task)
@@ -74,7 +73,7 @@ def run(cfg: EvaluateConfig) -> int:
         raise ValueError(f"no clips to evaluate in {cfg.data} (split {cfg.split})")
     figure = os.path.join(cfg.out, f"{cfg.task}.png")
     task.figure(model, first, model.cfg, figure, n=cfg.examples)
-    report = {"task": cfg.task, "checkpoint": os.path.abspath(cfg.checkpoint), "data": os.path.abspath(cfg.data),
+    report = {"task": cfg.task, "checkpoint": os.path.abspath(cfg.checkpoint), "data": cfg.data if "://" in cfg.data else os.path.abspath(cfg.data),
               "split": cfg.split, "clips": clips, "trained_epochs": ckpt["extra"].get("epoch", -1) + 1,
               "seconds": round(time.perf_counter() - t0, 2), "headline": task.headline(metrics), "metrics": metrics,
               "figure": figure}

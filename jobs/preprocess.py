@@ -1,10 +1,13 @@
 """Decode videos into clip Parquet (frames + audio + log-mel) on Ray tasks, streaming.
 
 INPUT is any mix of files, folders (searched recursively for video extensions), globs and
-manifests (.csv / .jsonl with a `path` column; other columns are carried into every clip row).
-Writes OUT/clips/*.parquet (one row per clip), OUT/errors/*.parquet (one row per file that
-gave no clips, with the reason) and OUT/summary.json. Rerunning with the same OUT skips
-finished files; --overwrite starts over. Runs on the Ray cluster at --address / RAY_ADDRESS,
+manifests (.csv / .jsonl with a `path` column; other columns are carried into every clip row;
+`segment_start_s` / `segment_end_s` ingest only that span of the file, its clips in the file's
+times; a malformed row refuses the run, named by its line number).
+Writes OUT/clips/*.parquet (one row per clip), OUT/errors/*.parquet (one row per file or segment
+that gave no clips, with the reason: stage `missing` for a listed file not on disk) and
+OUT/summary.json. Rerunning with the same OUT skips finished files and segments; --overwrite
+starts over. Runs on the Ray cluster at --address / RAY_ADDRESS,
 or on a local Ray it starts.
 
 example:
@@ -39,7 +42,7 @@ class PreprocessConfig:
     win_length: int = field(default=400, metadata={"help": "log-mel window in samples"})
     max_pixels: int = field(default=3840 * 2160, metadata={"help": "larger videos become error rows"})
     max_seconds: float = field(default=4 * 3600.0, metadata={"help": "longer videos become error rows"})
-    allow_scheme: tuple[str, ...] = field(default=(), metadata={"help": "URI schemes to open besides local files (http, https, rtmp)"})
+    allow_scheme: tuple[str, ...] = field(default=(), metadata={"help": "URI schemes to open besides local files: http, https, rtmp (through FFmpeg), s3, gs, gcs, hdfs, abfs, abfss (object stores, through pyarrow.fs; credentials from its usual environment, e.g. AWS_*)"})
     seek: str = field(default="auto", metadata={"help": "seek path: decode only the frames the sampled instants show (exactly the frames of a full decode); auto: when the source rate is >= 4x --fps (mp4/mov/mkv/webm files); never: decode every frame", "choices": ("auto", "always", "never")})
     keyframes_only: bool = field(default=False, metadata={"help": "decode keyframes only: each sampled instant shows the latest keyframe at or before it, APPROXIMATE in time (off by up to a keyframe interval); much faster at low --fps"})
     batch_clips: int = field(default=8, metadata={"help": "clips per log-mel batch and Parquet row group"})
@@ -66,6 +69,7 @@ def run(cfg: PreprocessConfig) -> int:
     import pyarrow as pa
     import ray
 
+    from jobs.placement import DECODE, stage_resources
     from pipelines.clipstore import ERRORS, ClipStore
     from pipelines.ingest import ingest_tasks
     from pipelines.schema import clip_schema
@@ -102,7 +106,7 @@ def run(cfg: PreprocessConfig) -> int:
     done = store.done()
     ids = sources.column("video_id").to_pylist()
     pending = sources.filter(pa.array([v not in done for v in ids]))
-    log.info("%d input file(s): %d already done, %d to process", len(ids), len(ids) - pending.num_rows,
+    log.info("%d source(s) (files or segments): %d already done, %d to process", len(ids), len(ids) - pending.num_rows,
              pending.num_rows)
 
     started_ray = False
@@ -115,7 +119,7 @@ def run(cfg: PreprocessConfig) -> int:
     try:
         if pending.num_rows:
             last = time.perf_counter()
-            for batch in ingest_tasks(pending, store, icfg, schema):
+            for batch in ingest_tasks(pending, store, icfg, schema, resources=stage_resources(DECODE)):
                 rows.extend(batch.to_pylist())
                 if time.perf_counter() - last > 10:
                     last = time.perf_counter()

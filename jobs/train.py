@@ -212,15 +212,22 @@ RUN_KEYS = ("carried_columns", "keyframes_only")  # what OUT/_config.json holds 
 
 
 def clip_settings_of(data: str):
-    """The ClipSettings of a clip folder: OUT/_config.json beside OUT/clips, as avray preprocess wrote it."""
-    from pipelines.clipsettings import ClipSettings
+    """The ClipSettings of a clip folder (local or a URI): OUT/_config.json beside OUT/clips, as
+    avray preprocess wrote it."""
+    import posixpath
 
-    path = os.path.join(os.path.dirname(os.path.abspath(data)), "_config.json")
-    if not os.path.isfile(path):
+    import pyarrow.fs as pafs
+
+    from pipelines.clipsettings import ClipSettings
+    from pipelines.clipstore import filesystem
+
+    fs, root = filesystem(data)
+    path = posixpath.join(posixpath.dirname(root.rstrip("/")), "_config.json")
+    if fs.get_file_info(path).type != pafs.FileType.File:
         raise FileNotFoundError(f"no {path}: avray train needs the clip settings that avray preprocess writes "
                                 "beside OUT/clips (they travel in the checkpoint to avray serve)")
-    with open(path) as f:
-        d = json.load(f)
+    with fs.open_input_stream(path) as f:
+        d = json.loads(f.read())
     return ClipSettings.from_dict({k: v for k, v in d.items() if k not in RUN_KEYS})
 
 
@@ -233,12 +240,12 @@ def run(cfg: TrainConfig) -> int:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from jobs.data import clip_dataset, clip_files, keep_idle_workers, split_store, validation_videos
+    from jobs.data import clip_dataset, clip_files, clip_folder, keep_idle_workers, split_store, validation_videos
+    from jobs.placement import train_worker_resources
     from jobs.tasks import get
     from pipelines.schema import numpy_batch
 
-    if not os.path.isdir(cfg.data):
-        raise FileNotFoundError(f"no clip folder at {cfg.data} (run avray preprocess first)")
+    fs, data = clip_folder(cfg.data)  # local, or a URI (s3://...): read through pyarrow.fs
     if not 0 < cfg.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {cfg.val_fraction}")
     if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.num_workers < 1 or cfg.torch_threads < 0:
@@ -259,10 +266,10 @@ def run(cfg: TrainConfig) -> int:
         ray.init(address=address, include_dashboard=False)
         started = True
     try:
-        ds = pads.dataset(clip_files(cfg.data), format="parquet")
+        ds = pads.dataset(clip_files(data, fs), format="parquet", filesystem=fs)
         columns = [c for c in task.columns if c in ds.schema.names]
-        ids = pads.dataset(cfg.data, format="parquet").to_table(columns=["video_id", "__filename"])
-        train_split, val_split = split_store(ids, validation_videos(ids.column("video_id"), cfg.val_fraction))
+        ids = pads.dataset(data, format="parquet", filesystem=fs).to_table(columns=["video_id", "__filename"])
+        train_split, val_split = split_store(ids, validation_videos(ids.column("video_id"), cfg.val_fraction), fs)
         mcfg = task.fit(preset, lambda cols: numpy_batch(train_split.read([c for c in cols if c in ds.schema.names])))
         prepare = functools.partial(task.prepare, cfg=mcfg)
         use_gpu = {"yes": True, "no": False}.get(cfg.use_gpu, ray.cluster_resources().get("GPU", 0) > 0)
@@ -275,7 +282,8 @@ def run(cfg: TrainConfig) -> int:
                                "torch_threads": cfg.torch_threads, "shuffle": cfg.shuffle,
                                # drop_last: each worker's shard gives floor(rows / batch) steps
                                "steps_per_epoch": max(1, train_split.rows // (cfg.batch_size * cfg.num_workers))},
-            scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
+            scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                                   resources_per_worker=train_worker_resources(use_gpu)),
             run_config=ray.train.RunConfig(
                 name=name, storage_path=storage,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),

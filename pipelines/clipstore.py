@@ -32,6 +32,13 @@ CLIPS, ERRORS = "clips", "errors"
 TMP_PREFIX = ".tmp-"
 
 
+def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path on it) of a local path or a URI pyarrow.fs understands (s3://,
+    gs://, ...): one rule for every folder avray reads or writes."""
+    return pafs.FileSystem.from_uri(location) if "://" in location else (
+        pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location)))
+
+
 @dataclass(frozen=True)
 class ClipStore:
     """OUT, as a pyarrow filesystem and a root path on it (picklable: sent to Ray tasks); `kind`:
@@ -42,8 +49,7 @@ class ClipStore:
 
     @functools.cached_property
     def fs_root(self) -> tuple[pafs.FileSystem, str]:
-        return pafs.FileSystem.from_uri(self.uri) if "://" in self.uri else (
-            pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(self.uri)))
+        return filesystem(self.uri)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.fs_root[1], *parts])

@@ -18,8 +18,17 @@ pictures some sampled instant shows, from their keyframe, skipping pictures noth
 `keyframes_only` decodes keyframes alone: each instant shows the latest keyframe at or before it
 (approximate in time, by up to a keyframe interval).
 
+A segment (`MediaReader(segment=(start, end))`) gives the clips `start + k * hop` that end by
+`end`, in the file's own times: on mp4/mov/mkv/webm the demuxer seeks to the keyframe before
+`start - _SEGMENT_PREROLL` and stops after the last clip, so a 10 s segment of an hour costs about
+10 s of decoding. Measured on generated files: frames and audio bit for bit the whole file's clips
+(H.264 + AAC in mp4/mkv); Opus audio in webm comes out 1 ms later after a seek.
+
 Only local files are opened, and FFmpeg's protocol whitelist is pinned to `file` (plus the
 schemes a caller allows explicitly), so a crafted playlist cannot make FFmpeg fetch URLs.
+Object-store URIs (`s3://`, `gs://`, ..., `_FS_SCHEMES`), when allowed, are read through
+`pyarrow.fs` (ranged reads, credentials from pyarrow's usual environment: AWS_* for S3) and handed
+to FFmpeg as a file object, so they too open with no protocol at all.
 In-memory media (a file object, e.g. an HTTP upload) opens with no protocol at all: it cannot
 make FFmpeg open any other file or URL.
 """
@@ -48,6 +57,8 @@ _MAX_AV_LAG = 10.0
 # Decoded frames whose timestamps are sorted before use (see MediaReader.clips).
 _REORDER_WINDOW = 4
 _PROTOCOLS = {"http": "http,tcp", "https": "https,tls,tcp", "rtmp": "rtmp,tcp"}
+# URI schemes read through pyarrow.fs (object stores) rather than FFmpeg's network protocols.
+_FS_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss")
 _NO_PROTOCOL = "none"  # whitelist naming no protocol: media read from a file object opens nothing else
 SEEK_MODES = ("auto", "always", "never")
 # seek="auto" takes the seek path when the source rate is at least this many times the sampling
@@ -62,6 +73,9 @@ _NONREF_CODECS = {"h264", "hevc", "mpeg4", "mpeg1video", "mpeg2video", "vp8", "v
 # Packets whose presentation times the seek path sorts before use: at least the decoders'
 # deepest reordering (an H.264 / HEVC picture buffer holds at most 16 pictures).
 _SEEK_REORDER_WINDOW = 16
+# A segment's demux starts this many seconds before the segment (on the keyframe at or before
+# that): the audio decoder and resampler have run in by the segment's first sample.
+_SEGMENT_PREROLL = 1.0
 
 
 class MediaError(Exception):
@@ -72,6 +86,12 @@ class MediaError(Exception):
 
 class UnsupportedSource(MediaError):
     stage = "open"
+
+
+class MissingFile(UnsupportedSource):
+    """A local path that does not exist (a download that is missing, not a broken file)."""
+
+    stage = "missing"
 
 
 class UnreadableMedia(MediaError):
@@ -96,6 +116,13 @@ class TooShort(MediaError):
 
 class TruncatedMedia(MediaError):
     stage = "decode"
+
+
+class BadSegment(MediaError):
+    """A segment (`MediaReader(segment=...)`) that cannot give clips: negative, empty, shorter than
+    a clip, or past the end of the video."""
+
+    stage = "segment"
 
 
 class SeekUnsupported(MediaError):
@@ -141,9 +168,9 @@ class DecodeConfig:
             raise ValueError(f"keyframes_only must be True or False, got {self.keyframes_only!r}")
         if self.keyframes_only and self.seek == "never":
             raise ValueError("keyframes_only decodes keyframes on the seek path: it cannot be combined with seek='never'")
-        unknown = set(self.allowed_schemes) - set(_PROTOCOLS)
+        unknown = set(self.allowed_schemes) - set(_PROTOCOLS) - set(_FS_SCHEMES)
         if unknown:
-            raise ValueError(f"unsupported URI scheme(s) {sorted(unknown)}; known: {sorted(_PROTOCOLS)}")
+            raise ValueError(f"unsupported URI scheme(s) {sorted(unknown)}; known: {sorted([*_PROTOCOLS, *_FS_SCHEMES])}")
 
     @property
     def hop(self) -> float:
@@ -186,6 +213,35 @@ class Clip:
     audio: np.ndarray   # float32 (S,)
 
 
+def _seconds(x: float) -> str:
+    """12.0 -> '12', 3600.125 -> '3600.125' (shortest exact form)."""
+    return repr(float(x)).removesuffix(".0")
+
+
+def segment_label(start: float | None, end: float | None) -> str:
+    """How messages name a segment: 'segment 12 to 20 s', 'segment from 12 s', 'segment to 20 s'."""
+    if start is None:
+        return f"segment to {_seconds(end)} s" if end is not None else "whole file"
+    return f"segment {_seconds(start)} to {_seconds(end)} s" if end is not None else f"segment from {_seconds(start)} s"
+
+
+def check_segment(start: float | None, end: float | None, cfg: DecodeConfig) -> tuple[float, int | None]:
+    """(offset of the first clip in media seconds, number of clips or None: to the end of the file)
+    of the segment [start, end) (None: the file's start / end); raises BadSegment for a negative
+    or empty segment, or one shorter than a clip. Clip k spans start + k * hop + [0, clip)."""
+    label = segment_label(start, end)
+    if start is not None and not start >= 0:
+        raise BadSegment(f"{label}: segment_start_s is negative")
+    a = 0.0 if start is None else float(start)
+    if end is None:
+        return a, None
+    if not end > a:
+        raise BadSegment(f"{label}: segment_end_s is not after segment_start_s")
+    if end - a < cfg.clip_seconds - 1e-9:
+        raise BadSegment(f"{label} is shorter than one {cfg.clip_seconds:g} s clip")
+    return a, math.floor((end - a - cfg.clip_seconds) / cfg.hop + 1e-9) + 1
+
+
 def check_source(path: str, allowed_schemes: tuple[str, ...] = ()) -> str:
     """Return the FFmpeg protocol whitelist for `path`, or raise UnsupportedSource.
 
@@ -197,11 +253,12 @@ def check_source(path: str, allowed_schemes: tuple[str, ...] = ()) -> str:
         if scheme not in allowed_schemes:
             raise UnsupportedSource(f"URI scheme {scheme!r} is not allowed (local files only; "
                                     f"allow it explicitly with --allow-scheme {scheme})")
-        return "file," + _PROTOCOLS[scheme]
+        return _NO_PROTOCOL if scheme in _FS_SCHEMES else "file," + _PROTOCOLS[scheme]
     local = path[len("file://"):] if m else path
     if not os.path.isfile(local):
-        raise UnsupportedSource(f"not a regular file: {local}" if os.path.exists(local)
-                                else f"no such file: {local}")
+        if not os.path.exists(local):
+            raise MissingFile(f"no such file: {local}")
+        raise UnsupportedSource(f"not a regular file: {local}")
     return "file"
 
 
@@ -240,9 +297,9 @@ def frame_mapping(width: int, height: int, cfg: DecodeConfig) -> tuple[float, fl
 class _ClipBuilder:
     """One clip being filled: T target frame times and S audio samples."""
 
-    def __init__(self, index: int, cfg: DecodeConfig) -> None:
+    def __init__(self, index: int, cfg: DecodeConfig, offset: float = 0.0) -> None:
         self.index = index
-        self.start = index * cfg.hop
+        self.start = offset + index * cfg.hop
         self.end = self.start + cfg.clip_seconds
         self.targets = self.start + np.arange(cfg.frames_per_clip) / cfg.fps
         self.frames = np.empty((cfg.frames_per_clip, cfg.size, cfg.size, 3), dtype=np.uint8)
@@ -252,6 +309,31 @@ class _ClipBuilder:
     @property
     def video_done(self) -> bool:
         return self.next_frame == len(self.targets)
+
+
+def open_object(uri: str, allowed_schemes: tuple[str, ...]) -> BinaryIO:
+    """A seekable file object of an object-store URI (`_FS_SCHEMES`, which must be in
+    `allowed_schemes`), read through pyarrow.fs. Raises UnsupportedSource for a scheme not allowed
+    or an unreachable store, MissingFile when there is no such object."""
+    import pyarrow.fs as pafs
+
+    check_source(uri, allowed_schemes)
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        info = fs.get_file_info(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowIOError / ArrowInvalid
+        raise UnsupportedSource(f"cannot reach {uri}: {e}") from e
+    if info.type == pafs.FileType.NotFound:
+        raise MissingFile(f"no such object: {uri}")
+    if info.type != pafs.FileType.File:
+        raise UnsupportedSource(f"not a file: {uri}")
+    return fs.open_input_file(path)
+
+
+def is_object_uri(path: str) -> bool:
+    """Whether `path` is a URI of an object store read through pyarrow.fs (`_FS_SCHEMES`)."""
+    m = _SCHEME.match(path)
+    return m is not None and m.group(1).lower() in _FS_SCHEMES
 
 
 def _open(source: str | BinaryIO, cfg: DecodeConfig) -> av.container.InputContainer:
@@ -340,18 +422,36 @@ class MediaReader:
     """Streams `Clip`s out of one file (a path, or a seekable binary file object such as an
     upload held in memory). Use as a context manager; `info` is set on open.
 
+    `segment` (start, end) in media seconds (None: the file's start / end) limits the clips to
+    that span: clip k spans `start + k * hop + [0, clip_seconds)` in the file's own times, the
+    last one ends at or before `end`. Unless `cfg.seek` is "never", the demuxer of an
+    mp4/mov/mkv/webm file seeks to the keyframe before the segment (`_SEGMENT_PREROLL`) instead
+    of decoding from 0, and stops once the segment's last clip is out. A segment that cannot
+    give its clips raises `BadSegment`.
+
     Raises `MediaError` subclasses for files that cannot give clips and lets PyAV's own
     errors (`av.error.FFmpegError`) through for corrupt data.
     """
 
-    def __init__(self, source: str | BinaryIO, cfg: DecodeConfig) -> None:
+    def __init__(self, source: str | BinaryIO, cfg: DecodeConfig,
+                 segment: tuple[float | None, float | None] = (None, None)) -> None:
         self.path, self.cfg = source if isinstance(source, str) else "<memory>", cfg
         self._source = source if isinstance(source, str) else None  # the seek path opens it again
-        self.container = _open(source, cfg)
+        self.segment = segment
+        self.seg_start, self.max_clips = check_segment(*segment, cfg)  # before opening: bad metadata first
+        self.seeked_to = 0.0  # media time the demuxer started from (a segment's keyframe)
+        # an object-store URI: read through pyarrow.fs, FFmpeg gets the file object (closed on exit)
+        self._object = open_object(source, cfg.allowed_schemes) if isinstance(source, str) and is_object_uri(source) else None
+        try:
+            self.container = _open(source if self._object is None else self._object, cfg)
+        except BaseException:
+            self._close_object()
+            raise
         try:
             self.info = self._probe()
         except BaseException:
             self.container.close()
+            self._close_object()
             raise
         self.frames_decoded = 0
         self.media_seconds = 0.0  # length of the decoded video, set when clips() ends
@@ -362,6 +462,11 @@ class MediaReader:
 
     def __exit__(self, *exc: object) -> None:
         self.container.close()
+        self._close_object()
+
+    def _close_object(self) -> None:
+        if self._object is not None:
+            self._object.close()
 
     def _probe(self) -> MediaInfo:
         c = self.container
@@ -382,6 +487,8 @@ class MediaReader:
             declared = c.duration / 1e6
         if declared is not None and declared > self.cfg.max_seconds:
             raise MediaTooLong(f"{declared:.1f} s exceeds --max-seconds {self.cfg.max_seconds:g}")
+        if declared is not None and self.seg_start > 0 and self.seg_start >= declared:
+            raise BadSegment(f"{segment_label(*self.segment)} starts past the end of the video ({declared:.2f} s)")
         self.origin = (c.start_time or 0) / 1e6
         rate = float(v.average_rate) if v.average_rate else 0.0
         # Rotation is only known from the first frame's display matrix; patched in `clips()`.
@@ -410,6 +517,18 @@ class MediaReader:
             return True
         return self.info.src_fps >= _AUTO_SEEK_RATIO * cfg.fps
 
+    def _seek_segment(self) -> bool:
+        """Seek the demuxer to the keyframe at or before `_SEGMENT_PREROLL` s before the segment,
+        where that is exact (`_SEEK_FORMATS`, not seek="never"; a seekable file object too, e.g. an
+        object-store file: only the segment's byte ranges are read); whether it did."""
+        t = self.seg_start - _SEGMENT_PREROLL
+        if (t <= 0 or self.cfg.seek == "never"
+                or not set(self.container.format.name.split(",")) & set(_SEEK_FORMATS)):
+            return False
+        self.container.seek(int((t + self.origin) / self.video.time_base), backward=True, stream=self.video)
+        self.seeked_to = t
+        return True
+
     def clips(self) -> Iterator[Clip]:
         """Yield complete clips in index order; raise TooShort if the file gives none.
 
@@ -421,6 +540,7 @@ class MediaReader:
         the one demux pass either way.
         """
         seek = self._use_seek()
+        landed = not self._seek_segment()  # whether the first video packet was checked
         video: _FullVideo | _SeekVideo
         if seek:
             video = _SeekVideo(self, _SeekDecoder(self._source, self.cfg, self.video, self.cfg.keyframes_only))
@@ -431,6 +551,11 @@ class MediaReader:
             timeline = _Timeline(self, video.resolve)
             streams = [s for s in (self.video, self.audio) if s is not None]
             for packet in self.container.demux(*streams):
+                if packet.stream is not self.audio and not landed and packet.size:
+                    landed = True
+                    if packet.pts is None or float(packet.pts * self.video.time_base) - self.origin > self.seg_start + 1e-6:
+                        raise SeekUnsupported(f"seeking to the {segment_label(*self.segment)} did not land at or "
+                                              "before its start: decode it with --seek never")
                 if packet.stream is self.audio:
                     timeline.add_audio(packet)
                 elif isinstance(video, _SeekVideo) and not video.takes(packet):
@@ -443,6 +568,9 @@ class MediaReader:
                 else:
                     video.packet(packet, timeline)
                 yield from timeline.ready()
+                if timeline.done:  # a segment's last clip is out: the rest of the file is not read
+                    self.media_seconds = self.segment[1] - self.seg_start
+                    return
             video.flush(timeline)
             yield from timeline.finish(*video.end(timeline))
         finally:
@@ -459,6 +587,7 @@ class _Timeline:
         self.reader, self.cfg, self.resolve = reader, cfg, resolve
         self.S, self.sr, self.tolerance = cfg.samples_per_clip, cfg.sample_rate, 0.5 / cfg.fps
         self.open_clips: list[_ClipBuilder] = []
+        self.offset, self.max_clips = reader.seg_start, reader.max_clips  # the segment's clips
         self.next_index = 0
         self.emitted = 0
         # Audio as positioned chunks (first global sample index, samples): gaps stay silent.
@@ -468,7 +597,7 @@ class _Timeline:
         self.prev_ref = None  # the last frame placed on the timeline
         self.prev_rgb: np.ndarray | None = None
         self.prev_time = 0.0
-        self.clock = 0.0  # media time the video has reached (= prev_time unless frames are left out)
+        self.clock = reader.seeked_to  # media time the video has reached (= prev_time unless frames are left out)
         self.frame_period = 1.0 / (reader.info.src_fps or cfg.fps)
         self.plan: tuple[int, int, int, int] | None = None
         self.rotation = 0
@@ -476,13 +605,18 @@ class _Timeline:
     def open_until(self, t: float) -> None:
         """Open every clip that starts before media time t."""
         cfg = self.cfg
-        while self.next_index * cfg.hop < t:
-            if self.next_index * cfg.hop + cfg.clip_seconds > cfg.max_seconds:
+        while (self.max_clips is None or self.next_index < self.max_clips) and self.offset + self.next_index * cfg.hop < t:
+            if self.offset + self.next_index * cfg.hop + cfg.clip_seconds > cfg.max_seconds:
                 err = MediaTooLong(f"media runs past --max-seconds {cfg.max_seconds:g}")
                 err.stage = "decode"  # found while decoding: the container declared no length
                 raise err
-            self.open_clips.append(_ClipBuilder(self.next_index, cfg))
+            self.open_clips.append(_ClipBuilder(self.next_index, cfg, self.offset))
             self.next_index += 1
+
+    @property
+    def done(self) -> bool:
+        """Every clip of a segment with an end has been emitted."""
+        return self.max_clips is not None and self.emitted == self.max_clips
 
     def assign(self, until: float) -> None:
         """Show the previous frame at every unfilled target time before `until`."""
@@ -528,7 +662,7 @@ class _Timeline:
             b = oc.pop(0)
             self.emitted += 1
             yield Clip(b.index, b.start, b.end, b.frames, self.take_audio(b))
-        keep_from = oc[0].first_sample if oc else int(round(self.next_index * self.cfg.hop * self.sr))
+        keep_from = oc[0].first_sample if oc else int(round((self.offset + self.next_index * self.cfg.hop) * self.sr))
         self.chunks = [(p, x) for p, x in self.chunks if p + len(x) > keep_from]
 
     def _place(self, samples: np.ndarray, at: int | None) -> None:
@@ -558,17 +692,24 @@ class _Timeline:
             raise TruncatedMedia("no video frame could be decoded")
         if video_end is None:
             video_end = self.prev_time + (last_duration if last_duration > 0 else self.frame_period)
-        reader.media_seconds = video_end
+        reader.media_seconds = video_end - self.offset
         declared = reader.info.declared_seconds
         if declared is not None and video_end < declared - max(1.0, 0.1 * declared):
             raise TruncatedMedia(f"decoded {video_end:.2f} s of the {declared:.2f} s the container declares")
         # Clips that end within half a target frame period of the video's end are complete.
         self.open_until(video_end + self.tolerance - cfg.clip_seconds + 1e-9)
         self.open_clips[:] = [b for b in self.open_clips if b.end <= video_end + self.tolerance]
+        label = segment_label(*reader.segment)
+        if self.offset > 0 and video_end <= self.offset:
+            raise BadSegment(f"{label} starts past the end of the video ({video_end:.2f} s)")
+        if self.max_clips is not None and self.emitted + len(self.open_clips) < self.max_clips:
+            raise BadSegment(f"{label} ends past the end of the video ({video_end:.2f} s)")
         self.assign(math.inf)
         yield from self.ready(final=True)
         if self.emitted == 0:
-            raise TooShort(f"{video_end:.2f} s of video is shorter than one {cfg.clip_seconds:g} s clip")
+            seconds = f"{video_end - self.offset:.2f} s of video"
+            raise TooShort(f"{label}: {seconds} is shorter than one {cfg.clip_seconds:g} s clip" if self.offset > 0
+                           else f"{seconds} is shorter than one {cfg.clip_seconds:g} s clip")
 
 
 def _frame_seconds(frame_or_packet) -> float:

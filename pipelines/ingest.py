@@ -1,7 +1,9 @@
 """Ingest: one source file -> one clips part (or one error row), and the Ray tasks around it.
 
 `ingest_file` is the plain function (decode -> batched log-mel -> Parquet part), unit-tested
-without Ray. `ingest_tasks` runs it on the cluster: sources are dealt into blocks of similar
+without Ray. A source is a file or a segment of one (`segment_start_s` / `segment_end_s`,
+pipelines/sources.py): a segment's clips carry the file's own times, and its part and error row
+are its own (its `video_id`). `ingest_tasks` runs it on the cluster: sources are dealt into blocks of similar
 total size, one Ray task per block, on one CPU per file (decode is the bottleneck; more CPUs
 and FFmpeg threads per file when there are fewer files than CPUs), and the only thing that
 flows back to the driver is one small summary row per file.
@@ -21,7 +23,7 @@ import pyarrow as pa
 import torch
 
 from pipelines.clipstore import CLIPS, ClipStore
-from pipelines.decode import Clip, DecodeConfig, MediaInfo, MediaReader, SeekUnsupported
+from pipelines.decode import BadSegment, Clip, DecodeConfig, MediaInfo, MediaReader, SeekUnsupported, segment_label
 from pipelines.schema import ERROR_SCHEMA, encode_tensor, error_row
 from pipelines.spectrogram import SpectrogramConfig, log_mel
 
@@ -74,9 +76,12 @@ def clip_rows(clips: list[Clip], vid: str, path: str, info: MediaInfo, cfg: Inge
 
 
 def ingest_file(source: dict[str, Any], store: ClipStore, cfg: IngestConfig, schema: pa.Schema) -> dict[str, Any]:
-    """Decode one source into `OUT/clips/<video_id>.parquet`, or record why not in
-    `OUT/errors/<video_id>.parquet`. Never raises for bad media; returns a summary row."""
+    """Decode one source (a file, or the segment of it its `segment_start_s` / `segment_end_s`
+    name) into `OUT/clips/<video_id>.parquet`, or record why not in
+    `OUT/errors/<video_id>.parquet`. Never raises for bad media or a bad segment; returns a
+    summary row."""
     vid, path = source["video_id"], source["path"]
+    segment = (source.get("segment_start_s"), source.get("segment_end_s"))
     carried = {k: v for k, v in source.items() if k not in ("path", "video_id")}
     summary = {"video_id": vid, "path": path, "status": "ok", "clips": 0, "media_seconds": 0.0,
                "frames_decoded": 0, "seconds": 0.0, "stage": None, "error_type": None, "message": None}
@@ -88,7 +93,7 @@ def ingest_file(source: dict[str, Any], store: ClipStore, cfg: IngestConfig, sch
     decode = cfg.decode
     while True:
         try:
-            reader = MediaReader(path, decode)
+            reader = MediaReader(path, decode, segment)
             stage = "decode"
             with reader, store.open_part(CLIPS, vid, schema) as part:
                 batch: list[Clip] = []
@@ -108,22 +113,25 @@ def ingest_file(source: dict[str, Any], store: ClipStore, cfg: IngestConfig, sch
             summary["media_seconds"] = reader.media_seconds
         except SeekUnsupported as e:  # the part was aborted: decode the whole file instead
             if decode.seek != "auto":
-                _failed(summary, store, path, vid, e, stage)
+                _failed(summary, store, path, vid, e, stage, segment)
                 break
             log.info("%s: %s; decoding every frame", path, e)
             decode, summary["clips"] = dataclasses.replace(decode, seek="never"), 0
             continue
         except Exception as e:  # bad media must not fail the job: it becomes an error row
-            _failed(summary, store, path, vid, e, stage)
+            _failed(summary, store, path, vid, e, stage, segment)
         break
     summary["frames_decoded"] = reader.frames_decoded if reader is not None else 0
     summary["seconds"] = time.perf_counter() - t0
     return summary
 
 
-def _failed(summary: dict[str, Any], store: ClipStore, path: str, vid: str, e: Exception, stage: str) -> None:
-    """Record `e` as the file's error row and in its summary."""
+def _failed(summary: dict[str, Any], store: ClipStore, path: str, vid: str, e: Exception, stage: str,
+            segment: tuple[float | None, float | None] = (None, None)) -> None:
+    """Record `e` as the source's error row and in its summary; a segment's message names it."""
     row = error_row(path, vid, getattr(e, "stage", stage), e)
+    if segment != (None, None) and not isinstance(e, BadSegment):  # a BadSegment's message names it
+        row["message"] = f"{segment_label(*segment)}: {row['message']}"
     store.write_error(row, ERROR_SCHEMA)
     summary.update(status="failed", clips=0, stage=row["stage"], error_type=row["error_type"], message=row["message"])
     log.debug("failed %s: %s", path, e)
@@ -180,7 +188,7 @@ def plan_tasks(num_files: int, node_cpus: list[int], free_cpus: int | None = Non
 
 
 def ingest_tasks(sources: pa.Table, store: ClipStore, cfg: IngestConfig, schema: pa.Schema,
-                 files_per_task: int = 8) -> Iterator[pa.Table]:
+                 files_per_task: int = 8, resources: dict[str, float] | None = None) -> Iterator[pa.Table]:
     """Run the ingest as plain Ray tasks on the connected cluster, one per block of files
     (`plan_tasks`); yield each task's summary rows as it finishes, in completion order.
 
@@ -192,16 +200,19 @@ def ingest_tasks(sources: pa.Table, store: ClipStore, cfg: IngestConfig, schema:
     skips the files it already committed); one that still fails is logged and its files, with
     neither a summary nor a part, become error rows in the caller (`record_lost_files`); when every
     task fails (e.g. OUT not writable, the code missing on the workers) the error is raised.
-    Memory: one file's clips in flight per running task."""
+    Memory: one file's clips in flight per running task. `resources`: custom resources every task
+    asks for (jobs.placement: {"decode": 0.001} on a cluster with decode nodes); the plan counts
+    only the nodes that have them."""
     import ray
 
-    node_cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]]
+    node_cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]
+                 and all(n["Resources"].get(k, 0) >= v for k, v in (resources or {}).items())]
     node_cpus = [n for n in node_cpus if n] or [1]
     blocks, threads = plan_tasks(sources.num_rows, node_cpus, int(ray.available_resources().get("CPU", 0)),
                                  files_per_task)
     if threads > 1:
         cfg = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, threads=threads))
-    task = ray.remote(num_cpus=threads, max_retries=3)(_ingest_batch)
+    task = ray.remote(num_cpus=threads, max_retries=3, resources=resources or None)(_ingest_batch)
     args = ray.put(store), ray.put(cfg), ray.put(schema)
     todo = balanced_blocks(sources, blocks)[::-1]  # popped from the end: in the order dealt
     tasks = len(todo)

@@ -10,10 +10,10 @@ Clip row (`OUT/clips/*.parquet`):
 
 | column | type | meaning |
 |---|---|---|
-| video_id | string | 16 hex chars, sha1 of the resolved source path |
+| video_id | string | 16 hex chars, sha1 of the resolved source path; a manifest segment's: 8 of those + 8 of sha1(`<path>#t=<start>,<end>`) (`pipelines.sources.source_id`) |
 | clip_id | string | `<video_id>-<clip_index:05d>` |
 | source_path | string | resolved path of the input file |
-| clip_index | int32 | 0-based index of the clip within the file |
+| clip_index | int32 | 0-based index of the clip within the file (within the segment, for a segment) |
 | start_s, end_s | float64 | clip span in media seconds (from the container start) |
 | fps | float32 | frame sampling rate of `frames` |
 | sample_rate | int32 | sampling rate of `audio` |
@@ -88,7 +88,7 @@ CLIP_SCHEMA = pa.schema([
 ERROR_SCHEMA = pa.schema([
     pa.field("path", pa.string(), nullable=False),
     pa.field("video_id", pa.string(), nullable=False),
-    pa.field("stage", pa.string(), nullable=False),        # open | probe | decode | spectrogram | write | worker
+    pa.field("stage", pa.string(), nullable=False),        # missing | segment | open | probe | decode | spectrogram | write | worker
     pa.field("error_type", pa.string(), nullable=False),   # exception class name, e.g. InvalidDataError
     pa.field("message", pa.string(), nullable=False),
 ])

@@ -33,7 +33,7 @@ def ray_local():
     from jobs.data import keep_idle_workers
 
     keep_idle_workers()  # as avray train does when it starts Ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a cluster running beside it
     try:
         yield ray
     finally:

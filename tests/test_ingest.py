@@ -222,3 +222,53 @@ def test_balanced_blocks_deal_largest_first_in_snake_order(tmp_path):
     blocks = balanced_blocks(list_sources([str(tmp_path)]), 3)
     sizes = [[int(Path(p).stem[1:]) for p in b.column("path").to_pylist()] for b in blocks]
     assert sizes == [[10, 5, 4], [9, 6, 3], [8, 7, 2, 1]]
+
+
+def test_segments_missing_files_and_bad_segments_per_source(ray_local, tmp_path, capsys):
+    """A manifest's segments of one file are separate sources: clips in the file's times, parts,
+    error rows and reruns of their own; a missing download is stage `missing`."""
+    from pipelines.sources import source_id
+    media = tmp_path / "media"
+    v = str(mediagen.write_video(media / "long.mp4", seconds=10.0, video_options={"g": "25"}))
+    gone = str(media / "gone.mp4")
+    rows = [{"path": "long.mp4", "segment_start_s": 2.0, "segment_end_s": 5.0, "speaker": "a"},
+            {"path": "long.mp4", "segment_start_s": 6.5, "segment_end_s": None, "speaker": "b"},
+            {"path": "long.mp4", "segment_start_s": 8.0, "segment_end_s": 12.0, "speaker": "c"},  # past the end
+            {"path": "long.mp4", "segment_start_s": 5.0, "segment_end_s": 4.0, "speaker": "d"},   # empty
+            {"path": "gone.mp4", "segment_start_s": 1.0, "segment_end_s": 3.0, "speaker": "e"},   # not downloaded
+            {"path": "gone.mp4", "speaker": "f"}]
+    manifest = media / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    cfg = PreprocessConfig(inputs=(str(manifest),), out=str(out), **OPTS)
+    assert run(cfg) == 0
+    assert "6 file(s): 2 ok, 4 failed, 0 already done" in capsys.readouterr().out
+    ids = {r["speaker"]: source_id(r["path"].replace("long.mp4", v).replace("gone.mp4", gone),
+                                   r.get("segment_start_s"), r.get("segment_end_s")) for r in rows}
+    table = _clips(out)
+    assert table.schema.names == CLIP_SCHEMA.names + ["segment_start_s", "segment_end_s", "speaker"]
+    got = sorted(zip(table.column("speaker").to_pylist(), table.column("video_id").to_pylist(),
+                     table.column("clip_id").to_pylist(), table.column("start_s").to_pylist(),
+                     table.column("end_s").to_pylist(), table.column("source_path").to_pylist()))
+    assert got == sorted([("a", ids["a"], f"{ids['a']}-{k:05d}", 2.0 + k, 3.0 + k, v) for k in range(3)]
+                         + [("b", ids["b"], f"{ids['b']}-{k:05d}", 6.5 + k, 7.5 + k, v) for k in range(3)])
+    assert sorted(p.name for p in (out / "clips").iterdir()) == sorted([f"{ids['a']}.parquet", f"{ids['b']}.parquet"])
+    errors = {r["video_id"]: (r["path"], r["stage"], r["error_type"], r["message"])
+              for r in pq.read_table(out / "errors").to_pylist()}
+    assert errors == {
+        ids["c"]: (v, "segment", "BadSegment", "segment 8 to 12 s ends past the end of the video (10.00 s)"),
+        ids["d"]: (v, "segment", "BadSegment", "segment 5 to 4 s: segment_end_s is not after segment_start_s"),
+        ids["e"]: (gone, "missing", "MissingFile", f"segment 1 to 3 s: no such file: {gone}"),
+        ids["f"]: (gone, "missing", "MissingFile", f"no such file: {gone}"),
+    }
+    assert ids["f"] == video_id(gone)  # a whole file keeps its id
+
+    # a rerun skips every segment; a segment added to the manifest is the only one processed
+    with manifest.open("a") as f:
+        f.write(json.dumps({"path": "long.mp4", "segment_start_s": 0, "segment_end_s": 2, "speaker": "g"}) + "\n")
+    assert run(cfg) == 0
+    summary = json.loads((out / "summary.json").read_text())["run"]
+    assert (summary["files"], summary["files_ok"], summary["files_skipped_done"], summary["clips"]) == (7, 1, 6, 2)
+    g = _clips(out).filter(pa.compute.equal(pa.compute.field("speaker"), "g"))
+    assert g.column("start_s").to_pylist() == [0.0, 1.0]
+    assert g.column("video_id").to_pylist() == [source_id(v, 0.0, 2.0)] * 2 != [video_id(v)] * 2

@@ -5,11 +5,15 @@ served route localizes every sampled frame of an upload the same way (`prepare(e
 Synthetic scenes carry their ground truth per clip row (`ground_truth` column, from `avray
 synth`'s manifest): the boxes of the objects sounding in a frame, mapped onto the stored frames
 with the decoder's own resize plan (crop or letterbox), are the training and evaluation targets.
+Dataset benchmarks (VGG-SS, Flickr-SoundNet; `avray manifest`) carry a `gt_boxes` column
+instead (pipelines/datasets.py): normalised source-frame boxes of one annotated frame, mapped the
+same way, as a consensus map min(1, boxes covering a pixel / votes), scored by the same cIoU/AUC.
 """
 
 from __future__ import annotations
 
 import io
+import json
 from typing import Any, Iterable
 
 import numpy as np
@@ -22,7 +26,7 @@ from models.localization import (PRESETS, LocalizationConfig, SoundLocalizer, au
 from models.metrics import auc_success, ciou, ciou_at
 from pipelines.clipsettings import ClipSettings
 from pipelines.decode import DecodeConfig, frame_mapping
-from pipelines.groundtruth import clip_targets
+from pipelines.groundtruth import clip_targets, source_to_output_boxes
 from pipelines.schema import decode_clip_batch
 
 
@@ -31,7 +35,8 @@ class Localization(Task):
     config, model, presets = LocalizationConfig, SoundLocalizer, PRESETS
     # cosine decay to 0 let the tiny model lean on the picture (BENCHMARKS.md, quality notes)
     lr_schedule = "constant"
-    columns = ("video_id", "start_s", "fps", "frames", "frames_shape", "logmel", "logmel_shape", "ground_truth")
+    columns = ("video_id", "start_s", "fps", "frames", "frames_shape", "logmel", "logmel_shape", "ground_truth",
+               "gt_boxes", "src_width", "src_height")
     deployment = "Localizer"
     route = Route(
         "/v1/localize", upload="video with sound",
@@ -53,10 +58,19 @@ class Localization(Task):
         ts = list(range(T)) if every_frame else [T // 2]
         b = decode_clip_batch(batch, frames=slice(ts[0], ts[-1] + 1))  # only these frames are copied
         B, n, H, W = b["frames"].shape[:4]  # (B, n, H, W, 3)
-        masks = np.zeros((B, n, H, W), bool)
+        boxes = b.get("gt_boxes")
+        boxed = boxes is not None and any(x is not None for x in boxes)
+        masks = np.zeros((B, n, H, W), np.float32 if boxed else bool)  # float: a consensus map in [0, 1]
         has_box = np.zeros((B, n), bool)
         gts = b.get("ground_truth")
         for i in range(B):
+            if (gts is None or gts[i] is None) and boxed and boxes[i] is not None:
+                m = box_mask(boxes[i], float(b["start_s"][i]), T / float(b["fps"][i]), int(b["src_width"][i]),
+                             int(b["src_height"][i]), DecodeConfig(fps=float(b["fps"][i]), size=H))
+                if m is not None:
+                    masks[i, :] = m
+                    has_box[i, :] = True
+                continue
             if gts is None or gts[i] is None:
                 continue
             t = clip_targets(gts[i], float(b["start_s"][i]), T, DecodeConfig(fps=float(b["fps"][i]), size=H))
@@ -189,6 +203,24 @@ class Localization(Task):
             "frames": [{"t": round(t, 4), "heatmap": np.round(g.astype(np.float64), 3).tolist(),
                         "peak": src(float(p[0]) + 0.5, float(p[1]) + 0.5)}
                        for t, g, p in zip(times, result["grid"], result["peak"])]})
+
+
+def box_mask(gt_boxes: str | dict[str, Any], start_s: float, seconds: float, src_w: int, src_h: int,
+             cfg: DecodeConfig) -> np.ndarray | None:
+    """A dataset's box ground truth (`gt_boxes`, pipelines/datasets.py: normalised xyxy boxes on
+    the displayed source frame, `votes`, `time_s`) on the decoder's output frames: float32
+    (size, size), min(1, number of boxes covering the pixel / votes). None when the clip
+    [start_s, start_s + seconds) does not show the annotated time (`time_s` null: every clip)."""
+    gt = json.loads(gt_boxes) if isinstance(gt_boxes, str) else gt_boxes
+    t = gt.get("time_s")
+    if t is not None and not start_s <= float(t) < start_s + seconds:
+        return None
+    norm = np.asarray(gt["boxes"], dtype=np.float32).reshape(-1, 4)  # (K, 4) in [0, 1]
+    px = source_to_output_boxes(norm * np.array([src_w, src_h, src_w, src_h], np.float32), src_w, src_h, cfg)  # (K, 4)
+    count = np.zeros((cfg.size, cfg.size), np.float32)
+    for x0, y0, x1, y1 in px:
+        count[int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))] += 1.0
+    return np.minimum(count / float(gt.get("votes", 1)), 1.0)
 
 
 def overlay_png(frames: np.ndarray, grids: np.ndarray, fps: float) -> bytes:

@@ -1,0 +1,34 @@
+"""jobs/placement.py: avray's stages ask for `decode` / `train` only when some alive node offers them
+(the multi-node placement itself: tests/test_cluster.py)."""
+
+import pytest
+
+from jobs.placement import MARKER, offered, stage_resources, train_worker_resources
+
+
+def node(alive: bool = True, **resources: float) -> dict:
+    """A row as `ray.nodes()` lists it."""
+    return {"Alive": alive, "Resources": {"CPU": 4.0, "memory": 1e9, **resources}}
+
+
+CLUSTER = [node(CPU=0.0), node(decode=1.0), node(decode=1.0), node(train=1.0, GPU=1.0)]
+LAPTOP = [node()]
+
+
+def test_a_stage_asks_for_its_resource_only_where_the_cluster_offers_it():
+    assert stage_resources("decode", CLUSTER) == {"decode": MARKER} == {"decode": 0.001}
+    assert stage_resources("train", CLUSTER) == {"train": 0.001}
+    assert stage_resources("decode", LAPTOP) == {} and stage_resources("train", LAPTOP) == {}
+
+
+def test_dead_nodes_and_zero_amounts_do_not_offer_a_resource():
+    assert not offered("decode", [node(), node(alive=False, decode=1.0)])
+    assert not offered("decode", [node(decode=0.0)])
+    assert offered("decode", [node(alive=False, decode=1.0), node(decode=2.0)])
+
+
+@pytest.mark.parametrize("use_gpu, expected", [(False, {"CPU": 1.0, "train": 0.001}), (True, {"GPU": 1.0, "train": 0.001})])
+def test_train_workers_ask_for_train_besides_their_cpu_or_gpu(use_gpu, expected):
+    assert train_worker_resources(use_gpu, CLUSTER) == expected
+    assert train_worker_resources(use_gpu, LAPTOP) is None  # Ray Train's default: 1 CPU (or 1 GPU)
+
