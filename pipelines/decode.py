@@ -318,6 +318,9 @@ def open_object(uri: str, allowed_schemes: tuple[str, ...]) -> BinaryIO:
     import pyarrow.fs as pafs
 
     check_source(uri, allowed_schemes)
+    if "?" in uri or "#" in uri:  # pyarrow reads endpoint_override, scheme, keys from a URI's query
+        raise UnsupportedSource(f"object URIs with a query or fragment are refused (they could choose the "
+                                f"endpoint and credentials): {uri}")
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
         info = fs.get_file_info(path)

@@ -227,3 +227,15 @@ def test_undeclared_length_is_capped_while_decoding():
     with pytest.raises(MediaTooLong, match="media runs past --max-seconds 3") as e:
         decode_file(str(FIXTURES / "no_duration.webm"), DecodeConfig(clip_seconds=1.0, max_seconds=3.0))
     assert e.value.stage == "decode"
+
+
+def test_object_uris_with_a_query_are_refused_before_any_request():
+    """pyarrow.fs reads endpoint_override / scheme / keys from a URI's query: a manifest row must not
+    choose where the node's credentials go."""
+    from pipelines.decode import UnsupportedSource, open_object
+
+    uri = "s3://b/k.mp4?endpoint_override=169.254.169.254:80&scheme=http"
+    with pytest.raises(UnsupportedSource, match=r"^object URIs with a query or fragment are refused"):
+        open_object(uri, ("s3",))
+    with pytest.raises(UnsupportedSource, match=r"^URI scheme 's3' is not allowed"):
+        open_object(uri, ())
