@@ -240,7 +240,7 @@ def run(cfg: EmbedConfig) -> int:
 
     from jobs.data import clip_files, clip_folder
     from jobs.tasks import served_config
-    from pipelines.clipstore import ClipStore
+    from pipelines.clipstore import ClipStore, location_name
     from pipelines.schema import CLIP_SCHEMA, embedding_schema
 
     fs, data = clip_folder(cfg.data)  # local, or a URI (s3://...): read through pyarrow.fs
@@ -255,7 +255,7 @@ def run(cfg: EmbedConfig) -> int:
         store.clear()
     store.create()
     made_with = {"checkpoint": os.path.abspath(cfg.checkpoint), "checkpoint_sha1": checkpoint_id(cfg.checkpoint),
-                 "dim": mcfg.embed_dim, "data": cfg.data if "://" in cfg.data else os.path.abspath(cfg.data), "clip_settings": settings.to_dict()}
+                 "dim": mcfg.embed_dim, "data": location_name(cfg.data), "clip_settings": settings.to_dict()}
     previous = store.read_json("_config.json")
     if previous is not None and (previous["checkpoint_sha1"], previous["dim"]) != (made_with["checkpoint_sha1"], made_with["dim"]):
         raise ValueError(f"{cfg.out} holds embeddings of another checkpoint ({previous['checkpoint']}); "

@@ -44,6 +44,7 @@ def run(cfg: EvaluateConfig) -> int:
     import torch
 
     from jobs.data import clip_folder, numpy_batches, validation_videos
+    from pipelines.clipstore import location_name
     from jobs.tasks import get, load_checkpoint
 
     clip_folder(cfg.data)  # local, or a URI (s3://...): pyarrow.dataset reads either
@@ -73,7 +74,7 @@ def run(cfg: EvaluateConfig) -> int:
         raise ValueError(f"no clips to evaluate in {cfg.data} (split {cfg.split})")
     figure = os.path.join(cfg.out, f"{cfg.task}.png")
     task.figure(model, first, model.cfg, figure, n=cfg.examples)
-    report = {"task": cfg.task, "checkpoint": os.path.abspath(cfg.checkpoint), "data": cfg.data if "://" in cfg.data else os.path.abspath(cfg.data),
+    report = {"task": cfg.task, "checkpoint": os.path.abspath(cfg.checkpoint), "data": location_name(cfg.data),
               "split": cfg.split, "clips": clips, "trained_epochs": ckpt["extra"].get("epoch", -1) + 1,
               "seconds": round(time.perf_counter() - t0, 2), "headline": task.headline(metrics), "metrics": metrics,
               "figure": figure}

@@ -39,6 +39,11 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
         pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location)))
 
 
+def location_name(location: str) -> str:
+    """How a folder is recorded in summaries and configs: a URI as given, a local path absolute."""
+    return location if "://" in location else os.path.abspath(os.path.expanduser(location))
+
+
 @dataclass(frozen=True)
 class ClipStore:
     """OUT, as a pyarrow filesystem and a root path on it (picklable: sent to Ray tasks); `kind`:
