@@ -41,17 +41,22 @@ def is_validation(video_id: str, fraction: float) -> bool:
 
 
 def validation_videos(video_ids, fraction: float):
-    """The held-out videos: those `is_validation` picks, but at least one, and never all (a
-    small dataset could otherwise get an empty split). Returns a pyarrow string array."""
+    """The held-out videos: those `is_validation` picks, but at least one file, and never all (a
+    small dataset could otherwise get an empty split). The split is by source file: the segments
+    of one file (ids sharing its first 8 hex digits, pipelines.sources) fall on one side. Returns a
+    pyarrow string array."""
     import pyarrow as pa
 
-    ids = sorted(set(video_ids.to_pylist()))
-    if len(ids) < 2:
-        raise ValueError(f"need clips of at least 2 videos to hold some out, got {len(ids)}")
-    val = [v for v in ids if is_validation(v, fraction)] or ids[:1]  # ids[:1]: the smallest hash
-    if len(val) == len(ids):
+    files: dict[str, list[str]] = {}
+    for v in sorted(set(video_ids.to_pylist())):
+        files.setdefault(v[:8], []).append(v)
+    if len(files) < 2:
+        raise ValueError(f"need clips of at least 2 video files to hold some out, got {len(files)}")
+    keys = sorted(files)
+    val = [k for k in keys if is_validation(k, fraction)] or keys[:1]  # keys[:1]: the smallest hash
+    if len(val) == len(keys):
         val = val[:-1]
-    return pa.array(val, pa.string())
+    return pa.array([v for k in val for v in files[k]], pa.string())
 
 
 def torch_batches(data, batch_size: int, train: bool, shuffle: bool, gen=None, device=None):
@@ -261,8 +266,9 @@ def clip_files(folder: str, filesystem=None) -> list[str]:
 
 
 def numpy_batches(folder: str, columns: list[str], batch_size: int, filter=None, limit: int | None = None,
-                  drop_last: bool = False) -> Iterator[dict[str, Any]]:
-    """The rows of a clip folder (those matching the pyarrow `filter`; at most `limit`) as numpy
+                  drop_last: bool = False, filesystem=None) -> Iterator[dict[str, Any]]:
+    """The rows of a clip folder (a path on the pyarrow `filesystem`; None: a local path or a URI
+    that names its store) (those matching the pyarrow `filter`; at most `limit`) as numpy
     batches (`pipelines.schema.numpy_batch`) of `batch_size` rows, the last one shorter unless
     `drop_last`; only `columns` that the files hold are read. pyarrow yields at most batch_size
     rows per record batch and never spans two files, and a file holds one video's clips, so record
@@ -273,7 +279,7 @@ def numpy_batches(folder: str, columns: list[str], batch_size: int, filter=None,
 
     from pipelines.schema import numpy_batch
 
-    ds = pads.dataset(folder, format="parquet")
+    ds = pads.dataset(folder, format="parquet", filesystem=filesystem)
     cols = [c for c in columns if c in ds.schema.names]
     left = limit
     buf: list = []

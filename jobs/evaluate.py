@@ -47,14 +47,14 @@ def run(cfg: EvaluateConfig) -> int:
     from pipelines.clipstore import location_name
     from jobs.tasks import get, load_checkpoint
 
-    clip_folder(cfg.data)  # local, or a URI (s3://...): pyarrow.dataset reads either
+    fs, root = clip_folder(cfg.data)  # local, or a URI (s3://...): resolved once, read through `fs`
     if cfg.batch_size < 2:
         raise ValueError("--batch-size must be >= 2")
     task = get(cfg.task)
     model, ckpt = load_checkpoint(cfg.checkpoint, task=cfg.task)
     flt = None
     if cfg.split == "val":
-        ids = pads.dataset(cfg.data, format="parquet").to_table(columns=["video_id"]).column("video_id")
+        ids = pads.dataset(root, format="parquet", filesystem=fs).to_table(columns=["video_id"]).column("video_id")
         flt = pc.is_in(pc.field("video_id"), value_set=validation_videos(ids, cfg.val_fraction))
     os.makedirs(cfg.out, exist_ok=True)
     t0 = time.perf_counter()
@@ -63,7 +63,7 @@ def run(cfg: EvaluateConfig) -> int:
 
     def collated() -> Iterator[dict[str, torch.Tensor]]:
         nonlocal clips, first
-        for b in numpy_batches(cfg.data, list(task.columns), cfg.batch_size, flt, cfg.limit):
+        for b in numpy_batches(root, list(task.columns), cfg.batch_size, flt, cfg.limit, filesystem=fs):
             c = task.collate(b, model.cfg)
             clips += len(next(iter(c.values())))
             first = c if first is None else first

@@ -23,7 +23,7 @@ import pyarrow as pa
 import torch
 
 from pipelines.clipstore import CLIPS, ClipStore
-from pipelines.decode import BadSegment, Clip, DecodeConfig, MediaInfo, MediaReader, SeekUnsupported, segment_label
+from pipelines.decode import Clip, DecodeConfig, MediaInfo, MediaReader, SeekUnsupported, segment_label
 from pipelines.schema import ERROR_SCHEMA, encode_tensor, error_row
 from pipelines.spectrogram import SpectrogramConfig, log_mel
 
@@ -128,10 +128,11 @@ def ingest_file(source: dict[str, Any], store: ClipStore, cfg: IngestConfig, sch
 
 def _failed(summary: dict[str, Any], store: ClipStore, path: str, vid: str, e: Exception, stage: str,
             segment: tuple[float | None, float | None] = (None, None)) -> None:
-    """Record `e` as the source's error row and in its summary; a segment's message names it."""
+    """Record `e` as the source's error row and in its summary; a segment's message names it (once)."""
     row = error_row(path, vid, getattr(e, "stage", stage), e)
-    if segment != (None, None) and not isinstance(e, BadSegment):  # a BadSegment's message names it
-        row["message"] = f"{segment_label(*segment)}: {row['message']}"
+    label = segment_label(*segment)
+    if label != "whole file" and label not in row["message"]:
+        row["message"] = f"{label}: {row['message']}"
     store.write_error(row, ERROR_SCHEMA)
     summary.update(status="failed", clips=0, stage=row["stage"], error_type=row["error_type"], message=row["message"])
     log.debug("failed %s: %s", path, e)

@@ -66,8 +66,14 @@ def test_split_by_video_is_deterministic():
     # a small dataset whose hashes all miss the fraction still holds one video out, and never all
     assert validation_videos(pa.array(["f0000000aa", "e0000000bb"]), 0.1).to_pylist() == ["e0000000bb"]
     assert validation_videos(pa.array(["00000000aa", "00000001bb"]), 0.9).to_pylist() == ["00000000aa"]
-    with pytest.raises(ValueError, match="at least 2 videos"):
-        validation_videos(pa.array(["00000000aa"]), 0.5)
+    # the segments of one file (ids sharing its 8-digit prefix) stay on one side in every branch
+    segs = ["00000001aaaaaaaa", "00000001bbbbbbbb", "f0000000cccccccc"]
+    assert validation_videos(pa.array(segs), 0.0).to_pylist() == segs[:2]  # fallback: the smallest file
+    assert validation_videos(pa.array(segs), 1.0).to_pylist() == segs[:2]  # never all: the last file trains
+    assert validation_videos(pa.array(segs[1:]), 0.5).to_pylist() == ["00000001bbbbbbbb"]
+    for one_file in (["00000000aa"], ["00000000aa", "00000000bb"]):
+        with pytest.raises(ValueError, match="need clips of at least 2 video files to hold some out, got 1"):
+            validation_videos(pa.array(one_file), 0.5)
 
 
 @pytest.mark.slow

@@ -236,13 +236,14 @@ def test_segments_missing_files_and_bad_segments_per_source(ray_local, tmp_path,
             {"path": "long.mp4", "segment_start_s": 8.0, "segment_end_s": 12.0, "speaker": "c"},  # past the end
             {"path": "long.mp4", "segment_start_s": 5.0, "segment_end_s": 4.0, "speaker": "d"},   # empty
             {"path": "gone.mp4", "segment_start_s": 1.0, "segment_end_s": 3.0, "speaker": "e"},   # not downloaded
-            {"path": "gone.mp4", "speaker": "f"}]
+            {"path": "gone.mp4", "speaker": "f"},
+            {"path": "long.mp4", "segment_start_s": 9.5, "speaker": "h"}]  # under a clip before the end
     manifest = media / "m.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     cfg = PreprocessConfig(inputs=(str(manifest),), out=str(out), **OPTS)
     assert run(cfg) == 0
-    assert "6 file(s): 2 ok, 4 failed, 0 already done" in capsys.readouterr().out
+    assert "7 file(s): 2 ok, 5 failed, 0 already done" in capsys.readouterr().out
     ids = {r["speaker"]: source_id(r["path"].replace("long.mp4", v).replace("gone.mp4", gone),
                                    r.get("segment_start_s"), r.get("segment_end_s")) for r in rows}
     table = _clips(out)
@@ -260,6 +261,7 @@ def test_segments_missing_files_and_bad_segments_per_source(ray_local, tmp_path,
         ids["d"]: (v, "segment", "BadSegment", "segment 5 to 4 s: segment_end_s is not after segment_start_s"),
         ids["e"]: (gone, "missing", "MissingFile", f"segment 1 to 3 s: no such file: {gone}"),
         ids["f"]: (gone, "missing", "MissingFile", f"no such file: {gone}"),
+        ids["h"]: (v, "decode", "TooShort", "segment from 9.5 s: 0.50 s of video is shorter than one 1 s clip"),
     }
     assert ids["f"] == video_id(gone)  # a whole file keeps its id
 
@@ -268,7 +270,7 @@ def test_segments_missing_files_and_bad_segments_per_source(ray_local, tmp_path,
         f.write(json.dumps({"path": "long.mp4", "segment_start_s": 0, "segment_end_s": 2, "speaker": "g"}) + "\n")
     assert run(cfg) == 0
     summary = json.loads((out / "summary.json").read_text())["run"]
-    assert (summary["files"], summary["files_ok"], summary["files_skipped_done"], summary["clips"]) == (7, 1, 6, 2)
+    assert (summary["files"], summary["files_ok"], summary["files_skipped_done"], summary["clips"]) == (8, 1, 7, 2)
     g = _clips(out).filter(pa.compute.equal(pa.compute.field("speaker"), "g"))
     assert g.column("start_s").to_pylist() == [0.0, 1.0]
     assert g.column("video_id").to_pylist() == [source_id(v, 0.0, 2.0)] * 2 != [video_id(v)] * 2

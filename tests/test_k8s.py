@@ -14,6 +14,7 @@ import json
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
+from subprocess import list2cmdline
 from typing import Any
 
 import jsonschema
@@ -300,7 +301,12 @@ def test_rayjob_runs_preprocess_then_train_as_the_cli_parses_them():
 
     spec = manifest("rayjob.yaml")["spec"]
     assert spec["clusterSelector"] == {"ray.io/cluster": manifest("raycluster.yaml")["metadata"]["name"]}
-    words = shlex.split(spec["entrypoint"])
+    # KubeRay runs `ray job submit ... -- <entrypoint>` in the submitter's shell: a top-level `&&`
+    # would run the second command there, not as part of the Ray job
+    outer = shlex.split(spec["entrypoint"])
+    assert outer[:2] == ["bash", "-c"] and len(outer) == 3 and "&&" not in outer
+    assert shlex.split(list2cmdline(outer)) == outer  # how `ray job submit -- ARGS...` joins them for the job
+    words = shlex.split(outer[2])
     split = words.index("&&")
     pre, train = parse(words[:split]), parse(words[split + 1:])
     assert pre.inputs == (f"{DATA}/videos/manifest.jsonl",) and pre.out == f"{DATA}/clips"

@@ -32,3 +32,21 @@ def test_train_workers_ask_for_train_besides_their_cpu_or_gpu(use_gpu, expected)
     assert train_worker_resources(use_gpu, CLUSTER) == expected
     assert train_worker_resources(use_gpu, LAPTOP) is None  # Ray Train's default: 1 CPU (or 1 GPU)
 
+
+
+def test_a_node_type_the_autoscaler_may_launch_offers_its_resource_before_any_such_node_is_up():
+    """cluster.yaml's decode workers start at min_workers 0: only the head (0 CPUs) is alive."""
+    head = [node(CPU=0.0)]
+    types = [{"resources": {"CPU": 0.0}, "max_count": 0},
+             {"resources": {"CPU": 8.0, "decode": 1.0}, "max_count": 16},
+             {"resources": {"CPU": 8.0, "GPU": 1.0, "train": 1.0}, "max_count": -1}]  # -1: no limit
+    assert offered("decode", head, types) and offered("train", head, types)
+    assert not offered("decode", head, [{"resources": {"decode": 1.0}, "max_count": 0}])  # never launched
+    assert not offered("decode", head, [{"resources": {"CPU": 8.0}, "max_count": 4}])
+    assert not offered("decode", head)
+
+
+def test_a_local_ray_publishes_no_autoscaler_node_types(ray_local):
+    from jobs.placement import autoscaler_node_types
+
+    assert autoscaler_node_types() == [] and not offered("decode") and stage_resources("decode") == {}

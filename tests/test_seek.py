@@ -166,6 +166,21 @@ def test_config_errors():
     assert issubclass(TooShort, MediaError)
 
 
+def test_keyframes_only_on_a_file_the_seek_path_cannot_take_decodes_every_frame_and_says_so(caplog):
+    from tests.conftest import FIXTURES
+
+    path = str(FIXTURES / "grid_brbk7n.mpg")  # MPEG-PS: not a seek-path format
+    cfg = dict(clip_seconds=1.0, fps=5.0, size=32)
+    with caplog.at_level("WARNING", logger="pipelines.decode"):
+        kf = _decode(path, keyframes_only=True, **cfg)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: keyframes-only decoding needs the seek path, and its format mpeg is not one of mov, mp4, "
+        "matroska, webm: decoding every frame instead"]
+    (kf_clips, kf_decoded, kf_seek, *_), (clips, decoded, _, *_) = kf, _decode(path, seek="never", **cfg)
+    assert (kf_seek, kf_decoded, len(kf_clips)) == (False, decoded, len(clips)) and len(clips) == 3
+    assert all(np.array_equal(a.frames, b.frames) for a, b in zip(kf_clips, clips))
+
+
 def test_cli_plumbs_the_options_as_per_run_decode_settings():
     from jobs import cli
     from jobs.preprocess import PreprocessConfig, _ingest_config
