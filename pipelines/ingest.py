@@ -70,7 +70,7 @@ def clip_rows(clips: list[Clip], vid: str, path: str, info: MediaInfo, cfg: Inge
             "logmel": lm, "logmel_shape": lm_shape, "has_audio": info.has_audio,
             "video_stream": info.video_stream, "audio_stream": info.audio_stream,
             "src_width": info.src_width, "src_height": info.src_height, "src_fps": info.src_fps,
-            "rotation": info.rotation, **carried,
+            "rotation": info.rotation, "resize": cfg.decode.resize, **carried,
         })
     return rows
 

@@ -28,6 +28,7 @@ Clip row (`OUT/clips/*.parquet`):
 | src_width, src_height | int32 | displayed size of the source video (after rotation) |
 | src_fps | float32 | average frame rate of the source video stream (0 if unknown) |
 | rotation | int16 | rotation applied from the stream's display matrix (degrees) |
+| resize | string | how frames were fitted to H x W: crop (centre crop) or letterbox (padded) |
 | *carried* | any | every other manifest column, same value on each clip of the file |
 
 Embedding row (`EMB/embeddings/*.parquet`, written by `avray embed`, one per clip):
@@ -82,6 +83,7 @@ CLIP_SCHEMA = pa.schema([
     pa.field("src_height", pa.int32(), nullable=False),
     pa.field("src_fps", pa.float32(), nullable=False),
     pa.field("rotation", pa.int16(), nullable=False),
+    pa.field("resize", pa.string(), nullable=False),
 ])
 
 # One row per input file that produced no clips.

@@ -173,6 +173,42 @@ def test_msrvtt_captions_by_sentence_id(tmp_path):
                           "needs video_id, category, url, start time, end time, split: KeyError('start time')")]
 
 
+def test_music_avqa_questions_per_video(tmp_path):
+    """MUSIC-AVQA's released JSON (placeholders filled from templ_values, the `anser` key, types as
+    Python literals) -> one row per video with its questions by question_id as a `qa` column that
+    the vqa task reads (pipelines.questions.parse_qa)."""
+    from pipelines.questions import parse_qa
+
+    meta = tmp_path / "avqa-test.json"
+    meta.write_text(json.dumps([
+        {"video_id": "00000272", "question_id": 24, "type": "['Audio-Visual', 'Existential']",
+         "question_content": "Is the <Object> in the video always playing?", "templ_values": "['cello']",
+         "question_deleted": 0, "anser": "yes"},
+        {"video_id": "00000272", "question_id": 3, "type": "['Audio', 'Counting']",
+         "question_content": "How many musical instruments were heard throughout the video?", "templ_values": "[]",
+         "question_deleted": 0, "anser": "two"},
+        {"video_id": "00000099", "question_id": 7, "type": "['Audio-Visual', 'Comparative']",
+         "question_content": "Is the <Object> louder than the <Object>?", "templ_values": "['piano', 'acoustic_guitar']",
+         "question_deleted": 0, "answer": "no"},
+        {"video_id": "00000099", "question_id": 8, "type": "['Visual', 'Location']", "question_content": "x",
+         "templ_values": "[]", "question_deleted": 1, "anser": "left"},
+        {"video_id": "00000100", "question_id": 9, "type": "['Visual', 'Counting']",
+         "question_content": "Are there <Object> and <Object>?", "templ_values": "['drum']", "anser": "no"}]))
+    v272 = _touch(tmp_path / "videos" / "00000272.mp4")
+    m = build("music-avqa", str(meta), str(tmp_path / "videos"))
+    assert [(r["path"], r["dataset"], r["music_avqa_id"]) for r in m.rows] == [
+        (v272, "music-avqa", "00000272"), (str((tmp_path / "videos" / "00000099.mp4").resolve()), "music-avqa", "00000099")]
+    assert parse_qa(m.rows[0]["qa"]) == [
+        {"question": "How many musical instruments were heard throughout the video?", "answer": "two",
+         "type": "Audio/Counting"},
+        {"question": "Is the cello in the video always playing?", "answer": "yes", "type": "Audio-Visual/Existential"}]
+    assert parse_qa(m.rows[1]["qa"]) == [{"question": "Is the piano louder than the acoustic_guitar?", "answer": "no",
+                                          "type": "Audio-Visual/Comparative"}]  # the deleted question is left out
+    assert m.missing == [str((tmp_path / "videos" / "00000099.mp4").resolve())]
+    assert m.skipped == [(f"{meta}: [4]", "needs video_id, question_content, templ_values, anser, type: "
+                                          "ValueError('2 placeholder(s) but 1 templ_values')")]
+
+
 def _vggss(tmp_path: Path) -> Path:
     meta = tmp_path / "vggss.json"
     meta.write_text(json.dumps([
@@ -235,6 +271,32 @@ def test_box_mask_consensus_and_exact_ciou():
     c = box_mask(two, 0.0, 1.0, 64, 64, cfg)
     assert sorted(np.unique(c).tolist()) == [0.0, 0.5, 1.0]
     assert (c == 1.0).sum() == 8 * 8 and c.sum() == 0.5 * (16 * 24 + 24 * 16)
+
+
+def test_boxes_land_where_the_clips_resize_put_the_source(tmp_path):
+    """A 64 x 32 source and the box of its left half on 32 px frames: the centre crop keeps
+    columns 16..48 of the source at full height (the box covers frame columns 0:16, all rows);
+    the letterbox shrinks it to 32 x 16 at rows 8:24 (the box: columns 0:16 of those rows).
+    Localization's targets follow each clip's `resize` column."""
+    from jobs.tasks import get
+    from models.localization import PRESETS
+    from pipelines.clipsettings import ClipSettings
+    from pipelines.upload import decode_upload
+
+    src = tmp_path / "wide.mp4"
+    write_video(src, seconds=1.0, width=64, height=32, fps=10.0)
+    box = json.dumps({"boxes": [[0.0, 0.0, 0.5, 1.0]], "votes": 1, "time_s": None})
+    task, masks = get("localization"), {}
+    for resize in ("crop", "letterbox"):
+        rows, _ = decode_upload(src.read_bytes(), ClipSettings(clip_seconds=1.0, fps=4.0, size=32, resize=resize),
+                                max_pixels=10**6, max_seconds=10.0)
+        assert rows["resize"].tolist() == [resize]
+        rows = {**rows, "gt_boxes": np.array([box], object), "ground_truth": np.array([None], object)}
+        masks[resize] = task.prepare(rows, PRESETS["tiny"])["box_mask"][0]
+    crop, letterbox = np.zeros((32, 32), np.float32), np.zeros((32, 32), np.float32)
+    crop[:, 0:16] = 1.0
+    letterbox[8:24, 0:16] = 1.0
+    assert np.array_equal(masks["crop"], crop) and np.array_equal(masks["letterbox"], letterbox)
 
 
 def test_manifest_cli_writes_jsonl_and_refuses_bad_rows_with_strict(tmp_path, capsys):

@@ -36,7 +36,7 @@ class Localization(Task):
     # cosine decay to 0 let the tiny model lean on the picture (BENCHMARKS.md, quality notes)
     lr_schedule = "constant"
     columns = ("video_id", "start_s", "fps", "frames", "frames_shape", "logmel", "logmel_shape", "ground_truth",
-               "gt_boxes", "src_width", "src_height")
+               "gt_boxes", "src_width", "src_height", "resize")
     deployment = "Localizer"
     route = Route(
         "/v1/localize", upload="video with sound",
@@ -63,17 +63,20 @@ class Localization(Task):
         masks = np.zeros((B, n, H, W), np.float32 if boxed else bool)  # float: a consensus map in [0, 1]
         has_box = np.zeros((B, n), bool)
         gts = b.get("ground_truth")
+        fitted = b.get("resize")  # how each clip's frames were fitted (clips made before the column: crop)
         for i in range(B):
+            dcfg = DecodeConfig(fps=float(b["fps"][i]), size=H,
+                                resize="crop" if fitted is None or fitted[i] is None else str(fitted[i]))
             if (gts is None or gts[i] is None) and boxed and boxes[i] is not None:
                 m = box_mask(boxes[i], float(b["start_s"][i]), T / float(b["fps"][i]), int(b["src_width"][i]),
-                             int(b["src_height"][i]), DecodeConfig(fps=float(b["fps"][i]), size=H))
+                             int(b["src_height"][i]), dcfg)
                 if m is not None:
                     masks[i, :] = m
                     has_box[i, :] = True
                 continue
             if gts is None or gts[i] is None:
                 continue
-            t = clip_targets(gts[i], float(b["start_s"][i]), T, DecodeConfig(fps=float(b["fps"][i]), size=H))
+            t = clip_targets(gts[i], float(b["start_s"][i]), T, dcfg)
             for j, f in enumerate(ts):
                 for k in np.flatnonzero(t.sounding[f]):
                     x0, y0, x1, y1 = t.boxes[f, k]
