@@ -173,9 +173,12 @@ class Split:
     val_ids: Any = None  # pyarrow string array, or None: every row of `files`
     keep: bool = False  # keep (True) or drop (False) the rows of val_ids
     filesystem: Any = None  # the pyarrow filesystem `files` are paths on (None: local)
+    schema: Any = None  # the store's schema (pyarrow): every group of files is read with it
 
     def read(self, columns: list[str], files: Any = None):
-        """The split's rows of `files` (default: all of them) as one pyarrow Table."""
+        """The split's rows of `files` (default: all of them) as one pyarrow Table. With `schema`,
+        a file that lacks one of its columns (a part written before the column existed) gives
+        nulls there, whichever file of a group comes first."""
         import pyarrow.compute as pc
         import pyarrow.dataset as pads
 
@@ -184,10 +187,10 @@ class Split:
             flt = pc.field("video_id").isin(self.val_ids)
             flt = flt if self.keep else ~flt
         return pads.dataset(list(self.files if files is None else files), format="parquet",
-                            filesystem=self.filesystem).to_table(columns=columns, filter=flt)
+                            filesystem=self.filesystem, schema=self.schema).to_table(columns=columns, filter=flt)
 
 
-def split_store(ids, val_ids, filesystem=None) -> tuple[Split, Split]:
+def split_store(ids, val_ids, filesystem=None, schema=None) -> tuple[Split, Split]:
     """(train, validation) Splits of a clip store. ids: video_id + __filename of every row. When
     no file holds clips of both sides (the clip store's layout: OUT/clips/<video_id>.parquet)
     each split reads only its own files; otherwise the files holding both are read by both
@@ -202,7 +205,7 @@ def split_store(ids, val_ids, filesystem=None) -> tuple[Split, Split]:
         part = per_side.filter(pc.field("val") == val)
         counts = part.column("video_id_count").to_pylist()
         return Split(tuple(part.column("__filename").to_pylist()), tuple(counts), sum(counts),
-                     val_ids if mixed else None, keep=val, filesystem=filesystem)
+                     val_ids if mixed else None, keep=val, filesystem=filesystem, schema=schema)
 
     return side(False), side(True)
 

@@ -76,6 +76,24 @@ def test_split_by_video_is_deterministic():
             validation_videos(pa.array(one_file), 0.5)
 
 
+def test_a_split_reads_parts_written_before_a_column_existed(tmp_path):
+    """A folder that preprocess added new parts to (with `resize`) after old ones (without): every
+    group of files is read with the store's schema, so an old part gives nulls, whichever comes first."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    from jobs.data import split_store
+
+    pq.write_table(pa.table({"video_id": ["bb", "bb"], "x": [0, 1], "resize": ["crop", "crop"]}), tmp_path / "bb.parquet")
+    pq.write_table(pa.table({"video_id": ["aa"], "x": [2]}), tmp_path / "aa.parquet")  # older: no resize
+    ds = pads.dataset([str(tmp_path / "bb.parquet"), str(tmp_path / "aa.parquet")], format="parquet")
+    ids = ds.to_table(columns=["video_id", "__filename"])
+    train, _ = split_store(ids, pa.array(["bb"]), schema=ds.schema)
+    assert train.read(["video_id", "resize"]).to_pylist() == [{"video_id": "aa", "resize": None}]
+    with pytest.raises(pa.ArrowInvalid, match="resize"):  # what a group starting with the old part did
+        split_store(ids, pa.array(["bb"]))[0].read(["video_id", "resize"])
+
+
 @pytest.mark.slow
 def test_split_reads_only_each_splits_files_when_files_hold_one_video(ray_local, tmp_path):
     import pyarrow as pa

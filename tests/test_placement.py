@@ -41,6 +41,8 @@ def test_a_node_type_the_autoscaler_may_launch_offers_its_resource_before_any_su
              {"resources": {"CPU": 8.0, "decode": 1.0}, "max_count": 16},
              {"resources": {"CPU": 8.0, "GPU": 1.0, "train": 1.0}, "max_count": -1}]  # -1: no limit
     assert offered("decode", head, types) and offered("train", head, types)
+    # avray train's --use-gpu auto asks the same question of GPUs: the GPU type may be launched
+    assert offered("GPU", head, types) and not offered("GPU", head, types[:2])
     assert not offered("decode", head, [{"resources": {"decode": 1.0}, "max_count": 0}])  # never launched
     assert not offered("decode", head, [{"resources": {"CPU": 8.0}, "max_count": 4}])
     assert not offered("decode", head)
