@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 CKPT   := checkpoints
 # task:frame size of the clips each shipped checkpoint was trained on (their clip settings say so too)
-SHIPPED := localization:96 separation:96 captioning:64 retrieval:32
+SHIPPED := localization:96 separation:96 captioning:64 retrieval:32 vqa:64 soundnet:64
 
 # Held-out scenes (seed 2; the shipped checkpoints trained on seed 0) -> clip Parquet at each model's
 # frame size -> a short training run (the pipeline at work) -> the shipped checkpoints scored on the
@@ -41,15 +41,21 @@ demo: $(STAMP)
 	@echo "  curl -F file=@$(DEMO)/media/scene_00000.mp4 http://127.0.0.1:8000/v1/caption"
 	@echo "  curl -F file=@$(DEMO)/media/scene_00000.mp4 -o speakers.zip http://127.0.0.1:8000/v1/separate"
 	@echo "  curl -F text='a red circle on the left hums' http://127.0.0.1:8000/v1/search"
+	@echo "  curl -F file=@$(DEMO)/media/scene_00000.mp4 -F question='what colour is the sounding object?' http://127.0.0.1:8000/v1/ask"
+	@echo "  curl -F file=@$(DEMO)/media/scene_00000.mp4 http://127.0.0.1:8000/v1/classify-sound"
 
 # The shipped checkpoints again, from scratch: 3,000 scenes (seed 0) and the training commands that
 # made them, in the quality benchmark's folders (recorded in each checkpoint and in checkpoints/README.md;
-# about 70 minutes on 2 cores), then `avray export`. Writes checkpoints/*.pt.
+# about 100 minutes on 2 cores), then `avray export`. Writes checkpoints/*.pt.
 PRE := bench-out/quality
 TRAIN_localization := --task localization --data $(PRE)/data-train/clips --out $(PRE)/runs/localization --preset tiny --epochs 4 --batch-size 32 --lr 0.001 --val-fraction 0.1 --use-gpu no --address local --torch-threads 2
 TRAIN_separation := --task separation --data $(PRE)/data-train/clips --out $(PRE)/runs/separation-av --preset tiny --epochs 5 --batch-size 8 --lr 0.001 --val-fraction 0.03 --use-gpu no --address local --torch-threads 2
 TRAIN_captioning := --task captioning --data $(PRE)/data-train-64px/clips --out $(PRE)/runs/captioning --preset tiny --epochs 18 --batch-size 16 --lr 0.001 --val-fraction 0.03 --use-gpu no --address local --torch-threads 1
 TRAIN_retrieval := --task retrieval --data $(PRE)/data-train-32px/clips --out $(PRE)/runs/retrieval --preset tiny --epochs 14 --batch-size 64 --lr 0.001 --val-fraction 0.03 --use-gpu no --address local --torch-threads 2
+TRAIN_vqa := --task vqa --data $(PRE)/data-train-64px/clips --out $(PRE)/runs/vqa --preset tiny --epochs 10 --batch-size 32 --lr 0.002 --val-fraction 0.03 --use-gpu no --address local --torch-threads 2
+# SoundNet: the visual teacher first (labels on frames), then the audio student distilled from it (no labels)
+TRAIN_soundnet_teacher := --task soundnet --data $(PRE)/data-train-64px/clips --out $(PRE)/runs/soundnet-teacher --preset tiny-teacher --epochs 3 --batch-size 32 --lr 0.002 --val-fraction 0.03 --use-gpu no --address local --torch-threads 2
+TRAIN_soundnet := --task soundnet --data $(PRE)/data-train-64px/clips --out $(PRE)/runs/soundnet-student --preset tiny --epochs 3 --batch-size 32 --lr 0.002 --val-fraction 0.03 --use-gpu no --address local --torch-threads 2 --teacher-weights $(PRE)/runs/soundnet-teacher/model.pt
 pretrained: $(STAMP)
 	$(BIN)/avray synth -o $(PRE)/media-train --videos 3000 --seed 0 --seconds 4 --size 96 --max-objects 3
 	$(BIN)/avray preprocess $(PRE)/media-train/manifest.jsonl --out $(PRE)/data-train --size 96 --fps 8 --num-cpus 2
@@ -63,10 +69,17 @@ pretrained: $(STAMP)
 	$(BIN)/avray export $(PRE)/runs/captioning/model.pt $(CKPT)/captioning.pt --trained-with "avray train $(TRAIN_captioning)"
 	$(BIN)/avray train $(TRAIN_retrieval)
 	$(BIN)/avray export $(PRE)/runs/retrieval/model.pt $(CKPT)/retrieval.pt --trained-with "avray train $(TRAIN_retrieval)"
+	$(BIN)/avray train $(TRAIN_vqa)
+	$(BIN)/avray export $(PRE)/runs/vqa/model.pt $(CKPT)/vqa.pt --trained-with "avray train $(TRAIN_vqa)"
+	$(BIN)/avray train $(TRAIN_soundnet_teacher)
+	$(BIN)/avray train $(TRAIN_soundnet)
+	$(BIN)/avray export $(PRE)/runs/soundnet-student/model.pt $(CKPT)/soundnet.pt \
+	  --trained-with "avray train $(TRAIN_soundnet_teacher) && avray train $(TRAIN_soundnet)"
 
 serve: $(STAMP)
 	$(BIN)/avray serve --localization $(CKPT)/localization.pt --separation $(CKPT)/separation.pt \
-	  --captioning $(CKPT)/captioning.pt --retrieval $(CKPT)/retrieval.pt --embeddings $(DEMO)/emb --examples $(DEMO)/media
+	  --captioning $(CKPT)/captioning.pt --retrieval $(CKPT)/retrieval.pt --vqa $(CKPT)/vqa.pt --soundnet $(CKPT)/soundnet.pt \
+	  --embeddings $(DEMO)/emb --examples $(DEMO)/media
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -1,4 +1,4 @@
-"""Quality bars of the three tiny models on held-out synthetic scenes, plus separation of real speech.
+"""Quality bars of the tiny models on held-out synthetic scenes, plus separation of real speech.
 
 One run (or `--only TASK`) does, under --workdir (default bench-out/quality/):
 
@@ -18,6 +18,10 @@ One run (or `--only TASK`) does, under --workdir (default bench-out/quality/):
      and fewer without audio;
    - retrieval: audio->video R@1 >= 0.5; text->video R@10 >= 0.5 and >= 10x chance; audio of
      shuffled clips at chance (R@1 within 2x of 1/N);
+   - vqa: mean accuracy of the 7 sound-dependent question types >= 0.80 with audio, >= 25 points
+     lower without; question only within 10 points of the majority answer; training <= 15 min;
+   - soundnet: the distilled audio student >= 0.80x the supervised audio classifier and >= 5x
+     chance; each of its three trainings <= 15 min;
    - speech (no bar, a report): audio-only separation trained on mixtures of real recordings and
      scored on 2-speaker mixtures of speakers never seen in training (`SPEECH_TRAIN` / `SPEECH_TEST`).
 
@@ -45,7 +49,7 @@ from benchmarks.common import write_section  # noqa: E402
 from models.retrieval import PRESETS as RET_PRESETS  # noqa: E402
 
 AVRAY = str(Path(sys.executable).parent / "avray")
-TASKS = ("localization", "separation", "captioning", "retrieval", "speech")
+TASKS = ("localization", "separation", "captioning", "retrieval", "speech", "vqa", "soundnet")
 BUDGET_S = 15 * 60  # the issue's training budget per model on this machine
 
 # Real speech (../shared/media/speech, see its README, plus Debian's asterisk prompts when
@@ -215,7 +219,8 @@ REUSE: dict[str, dict] = {}  # --eval-only: run name -> its training record from
 
 
 def train(work: Path, run: str, task: str, preset: str, data: Path, epochs: int, batch: int, lr: float,
-          val_fraction: float = 0.1, torch_threads: int = 0, lr_schedule: str | None = None) -> dict:
+          val_fraction: float = 0.1, torch_threads: int = 0, lr_schedule: str | None = None,
+          extra: tuple[str, ...] = ()) -> dict:
     if REUSE:
         if run not in REUSE:
             raise FileNotFoundError(f"--eval-only: no earlier training record of {run} in {work / 'results'}")
@@ -229,6 +234,7 @@ def train(work: Path, run: str, task: str, preset: str, data: Path, epochs: int,
         cmd += ["--torch-threads", str(torch_threads)]
     if lr_schedule:
         cmd += ["--lr-schedule", lr_schedule]
+    cmd += list(extra)  # task options (soundnet: --teacher-weights)
     wall = sh(cmd, work / f"{run}.log")
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     return {"command": " ".join(["avray"] + cmd[1:]), "wall_s": wall, "epochs": len(rows),
@@ -318,6 +324,49 @@ def run_retrieval(work: Path, args, train_clips: Path, held: Path) -> dict:
             bar("audio of shuffled clips -> video R@1", shuffled, f"<= 2 / N = {2 / n:.4f}", shuffled <= 2 / n),
             bar("training wall minutes", t["wall_s"] / 60, "<= 15", t["wall_s"] <= BUDGET_S)]
     return {"train": t, "eval": e, "bars": bars, "data_commands": [c_train, c_held]}
+
+
+def run_vqa(work: Path, args, train_clips: Path, held: Path) -> dict:
+    train_clips, c_train = resized_data(work, "train", args.vqa_size, args.fps)
+    held, c_held = resized_data(work, "heldout", args.vqa_size, args.fps)
+    t = train(work, "vqa", "vqa", args.vqa_preset, train_clips, args.vqa_epochs, args.vqa_batch_size, args.vqa_lr,
+              args.val_fraction, torch_threads=args.torch_threads)
+    e = evaluate(work, "vqa", "vqa", t["checkpoint"], held)
+    m = e["metrics"]
+    sound, mute, qo, maj = m["acc_av_sound"], m["acc_no_audio_sound"], m["acc_question_only"], m["majority"]
+    bars = [bar("sound-dependent types with audio (mean of the 7 types' accuracies)", sound, ">= 0.80", sound >= 0.8),
+            bar("… without audio: points lower", 100 * (sound - mute), ">= 25", sound - mute >= 0.25,
+                f"{mute:.3f}: {100 * (sound - mute):.1f} points lower"),
+            bar("question only vs majority answer (all questions)", 100 * (qo - maj), "within 10 points",
+                abs(qo - maj) <= 0.10, f"{qo:.3f} vs {maj:.3f}"),
+            bar("training wall minutes", t["wall_s"] / 60, "<= 15", t["wall_s"] <= BUDGET_S)]
+    return {"train": t, "eval": e, "bars": bars, "data_commands": [c_train, c_held]}
+
+
+def run_soundnet(work: Path, args, train_clips: Path, held: Path) -> dict:
+    """SoundNet in three avray train runs on the same clips: the visual teacher (labels on frames),
+    the student distilled from it on audio (no label), the same student supervised (upper bound)."""
+    train_clips, c_train = resized_data(work, "train", args.sn_size, args.fps)
+    held, c_held = resized_data(work, "heldout", args.sn_size, args.fps)
+    runs = {"teacher": ("soundnet-teacher", "tiny-teacher", args.sn_teacher_epochs),
+            "student": ("soundnet-student", "tiny", args.sn_epochs),
+            "supervised": ("soundnet-supervised", "tiny-supervised", args.sn_epochs)}
+    t, e = {}, {}
+    for key, (run, preset, epochs) in runs.items():
+        extra = ("--teacher-weights", rel(t["teacher"]["checkpoint"])) if key == "student" else ()
+        t[key] = train(work, run, "soundnet", preset, train_clips, epochs, args.sn_batch_size, args.sn_lr,
+                       args.val_fraction, torch_threads=args.torch_threads, extra=extra)
+        e[key] = evaluate(work, run, "soundnet", t[key]["checkpoint"], held)
+    m, sup = e["student"]["metrics"], e["supervised"]["metrics"]
+    acc, up, chance = m["student_acc"], sup["student_acc"], m["chance"]
+    bars = [bar("student accuracy vs the supervised audio classifier", acc / up if up else 0.0, ">= 0.80x",
+                acc >= 0.8 * up, f"{acc:.3f} vs {up:.3f} ({acc / up if up else 0.0:.2f}x)"),
+            bar("student accuracy vs chance (1 / classes)", acc / chance, ">= 5x", acc >= 5 * chance,
+                f"{acc:.3f} vs {chance:.3f} ({acc / chance:.1f}x)"),
+            *(bar(f"training wall minutes, {key}", t[key]["wall_s"] / 60, "<= 15", t[key]["wall_s"] <= BUDGET_S)
+              for key in runs)]
+    return {**{f"train_{k}": v for k, v in t.items()}, **{f"eval_{k}": v for k, v in e.items()}, "bars": bars,
+            "data_commands": [c_train, c_held]}
 
 
 def speaker_pair_eval(checkpoint: Path, clips: Path) -> dict:
@@ -489,6 +538,59 @@ def report(work: Path, results: dict[str, dict], meta: dict) -> str:
                   "and text → audio are its video-only and audio-only ablations. The shuffled row asks each clip "
                   "with the audio of another clip, 8 offsets between N/4 and 3N/4 through the held-out set, the "
                   "scores averaged (no clip keeps its own; one offset alone would hit about 1 clip of N).", ""]
+    if "vqa" in results:
+        from pipelines.questions import SOUND_TYPES, TYPES
+
+        r = results["vqa"]
+        m = r["eval"]["metrics"]
+        lines += ["### Audio-visual question answering (Hadamard fusion of question, audio and video streams)", "",
+                  *_bars_table(r), "",
+                  f"- Frames at {args_cap_size(r)} px: `{r['data_commands'][0]}` and `{r['data_commands'][1]}`.",
+                  f"- {_train_line(r['train'])}",
+                  f"- `{r['eval']['command']}`: every question of the {r['eval']['clips']} held-out clips "
+                  f"({int(m['questions'])} questions, generated from each clip's ground truth, pipelines/questions.py); "
+                  "one model, streams taken away at evaluation (learned absent vectors, trained by stream dropout).",
+                  "",
+                  "| type | questions | audio + video | no audio | no video | question only | majority answer |",
+                  "|---|---|---|---|---|---|---|"]
+        for t in TYPES:
+            if f"questions_{t}" in m:
+                lines.append(f"| {t}{' (sound)' if t in SOUND_TYPES else ' (sight)'} | {int(m[f'questions_{t}'])} | "
+                             + " | ".join(f"{m[f'acc_{c}_{t}']:.3f}" for c in ("av", "no_audio", "no_video", "question_only"))
+                             + f" | {m[f'majority_{t}']:.3f} |")
+        lines.append("| **mean of the sound types** | | " + " | ".join(
+            f"**{m[f'acc_{c}_sound']:.3f}**" for c in ("av", "no_audio", "no_video", "question_only"))
+            + f" | {m['majority_sound']:.3f} |")
+        lines.append("| all questions | " + f"{int(m['questions'])} | " + " | ".join(
+            f"{m[f'acc_{c}']:.3f}" for c in ("av", "no_audio", "no_video", "question_only")) + f" | {m['majority']:.3f} |")
+        lines += ["", "Majority answer: each type's most common answer among these held-out questions (an upper bound "
+                  "of what answering by the answer statistics alone scores).", ""]
+    if "soundnet" in results:
+        r = results["soundnet"]
+        ev = {k: r[f"eval_{k}"]["metrics"] for k in ("teacher", "student", "supervised")}
+        m = ev["student"]
+        lines += ["### SoundNet (a visual teacher, an audio student: KL to the teacher, no audio labels)", "",
+                  *_bars_table(r), "",
+                  f"- Frames at {args_cap_size(r)} px: `{r['data_commands'][0]}` and `{r['data_commands'][1]}`.",
+                  f"- teacher: {_train_line(r['train_teacher'])}",
+                  f"- student: {_train_line(r['train_student'])}",
+                  f"- supervised: {_train_line(r['train_supervised'])}",
+                  f"- `{r['eval_student']['command']}` (and the same for the other two runs): "
+                  f"{int(m['labelled_clips'])} of {int(m['clips'])} held-out clips have a sounding object (the label: "
+                  "the kind of the object sounding in most of the clip's frames, 12 kinds); figure: "
+                  f"`{r['eval_student']['figure']}`",
+                  "",
+                  "| model | input | top-1 | top-5 | linear probe of its features | agreement with the teacher |",
+                  "|---|---|---|---|---|---|",
+                  f"| visual teacher (labels on frames) | frames | {ev['teacher']['teacher_acc']:.3f} | – | – | – |"]
+        for key, label in (("student", "student, distilled (no labels)"), ("supervised", "student, supervised (upper bound)")):
+            x = ev[key]
+            agree = f"{x['agreement']:.3f}" if "agreement" in x else "– (no teacher)"
+            lines.append(f"| {label} | sound | {x['student_acc']:.3f} | {x['student_top5_acc']:.3f} | "
+                         f"{x.get('probe_acc', float('nan')):.3f} | {agree} |")
+        lines += [f"| chance (1 / 12) / most frequent label | – | {m['chance']:.3f} / {m['prior_acc']:.3f} | | | |", "",
+                  "Linear probe: a logistic regression (torch LBFGS) on the frozen student features of the held-out "
+                  f"clips of half the videos (by id), scored on the other half ({int(m.get('probe_clips', 0))} clips).", ""]
     if "speech" in results:
         r = results["speech"]
         p = r["speaker_pairs"]
@@ -549,6 +651,16 @@ def main() -> None:
     ap.add_argument("--ret-size", type=int, default=RET_PRESETS["tiny"].image_size,
                     help="frame side for retrieval (default: the tiny preset's)")
     ap.add_argument("--speech-epochs", type=int, default=5)
+    ap.add_argument("--sn-teacher-epochs", type=int, default=3, help="soundnet: epochs of the visual teacher")
+    ap.add_argument("--sn-epochs", type=int, default=3, help="soundnet: epochs of the distilled and supervised students")
+    ap.add_argument("--sn-lr", type=float, default=2e-3)
+    ap.add_argument("--sn-batch-size", type=int, default=32)
+    ap.add_argument("--sn-size", type=int, default=64, help="frame side for soundnet's teacher (the tiny preset's 64 px)")
+    ap.add_argument("--vqa-preset", default="tiny")
+    ap.add_argument("--vqa-epochs", type=int, default=10)
+    ap.add_argument("--vqa-lr", type=float, default=2e-3)
+    ap.add_argument("--vqa-batch-size", type=int, default=32)
+    ap.add_argument("--vqa-size", type=int, default=64, help="frame side for question answering (the tiny preset's 64 px)")
     ap.add_argument("--torch-threads", type=int, default=2,
                     help="avray train --torch-threads (default 2: this machine's cores; Ray Data prepares "
                          "batches beside the worker)")
@@ -573,7 +685,7 @@ def main() -> None:
     train_clips, c_train = synth_data(work, "train", args.train_videos, args.train_seed, args)
     held, c_held = synth_data(work, "heldout", args.heldout_videos, args.heldout_seed, args)
     runners = {"localization": run_localization, "separation": run_separation, "captioning": run_captioning,
-               "retrieval": run_retrieval}
+               "vqa": run_vqa, "retrieval": run_retrieval, "soundnet": run_soundnet}
     for name in todo:
         print(f"== {name}", flush=True)
         res = run_speech(work, args) if name == "speech" else runners[name](work, args, train_clips, held)

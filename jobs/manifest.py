@@ -1,8 +1,8 @@
 """Write an avray manifest from a standard dataset's own metadata and its usual file naming.
 
 DATASET is one of vggsound, avspeech, kinetics (400/600/700), audioset, msrvtt, vggss,
-flickr_soundnet; METADATA is its metadata file as published (vggsound.csv, an AVSpeech CSV, a
-Kinetics CSV, an AudioSet segments CSV, MSR-VTT's videodatainfo JSON, vggss.json) or, for
+flickr_soundnet, music-avqa; METADATA is its metadata file as published (vggsound.csv, an AVSpeech CSV, a
+Kinetics CSV, an AudioSet segments CSV, MSR-VTT's videodatainfo JSON, vggss.json, avqa-train.json) or, for
 Flickr-SoundNet, the folder of per-image XML annotations. Each row's file is looked up under
 --root with the dataset's usual naming (see pipelines/datasets.py; --pattern overrides it) and
 written, with the dataset's labels, captions, spans or boxes, as one JSONL row. Rows whose file is
@@ -15,6 +15,7 @@ example:
   avray manifest vggsound vggsound.csv --root videos/ --out vggsound.jsonl
   avray manifest audioset balanced_train_segments.csv --labels class_labels_indices.csv --root yt/ --out as.jsonl
   avray manifest kinetics kinetics_400/train.csv --root k400/train --pattern "{ytid}_{start:06d}_{end:06d}.mp4" --out k400.jsonl
+  avray manifest music-avqa avqa-train.json --root MUSIC-AVQA-videos-Real/ --out avqa-train.jsonl
   avray preprocess vggsound.jsonl --out data/
 """
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SHOWN = 10  # missing files / skipped rows printed by name
-DATASETS = ("vggsound", "avspeech", "kinetics", "audioset", "msrvtt", "vggss", "flickr_soundnet")
+DATASETS = ("vggsound", "avspeech", "kinetics", "audioset", "msrvtt", "vggss", "flickr_soundnet", "music-avqa")
 
 
 @dataclass(frozen=True)

@@ -56,16 +56,20 @@ class TrainConfig:
     torch_threads: int = field(default=0, metadata={
         "help": "torch threads per worker (0: the worker's CPUs, 1 by default); on a machine whose other "
                 "cores only feed data, up to its core count"})
-    use_gpu: str = field(default="auto", metadata={"help": "auto: GPUs when the cluster has them", "choices": ("auto", "yes", "no")})
+    use_gpu: str = field(default="auto", metadata={"help": "auto: GPUs when the cluster has them or its autoscaler may launch GPU nodes", "choices": ("auto", "yes", "no")})
     seed: int = field(default=0, metadata={"help": "random seed"})
     visual_weights: str | None = field(default=None, metadata={"help": "local torchvision ResNet-18 state dict for the visual trunk"})
+    teacher_weights: str | None = field(default=None, metadata={
+        "help": "soundnet: the frozen visual teacher of a distilling preset (tiny, paper): the model.pt of a "
+                "--preset tiny-teacher run, or a local torchvision ResNet-18 classifier state dict WITH its fc "
+                "head (ImageNet: the classes become its 1,000 categories)"})
     max_failures: int = field(default=2, metadata={"help": "worker failures to recover from (from the last checkpoint)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in OUT from its last checkpoint"})
     address: str | None = field(default=None, metadata={"help": "Ray address (default: RAY_ADDRESS, else a local Ray)"})
 
 
 def model_config(cfg: TrainConfig):
-    """The config of `cfg.task`'s `cfg.preset`, with the local visual weights (before fitting)."""
+    """The config of `cfg.task`'s `cfg.preset`, with the local visual and teacher weights (before fitting)."""
     from dataclasses import replace
 
     from jobs.tasks import get
@@ -80,6 +84,15 @@ def model_config(cfg: TrainConfig):
         if not os.path.isfile(cfg.visual_weights):
             raise FileNotFoundError(f"no such weights file: {cfg.visual_weights}")
         mcfg = replace(mcfg, visual=replace(mcfg.visual, weights=os.path.abspath(cfg.visual_weights)))
+    if cfg.teacher_weights or (hasattr(mcfg, "teacher") and getattr(mcfg, "mode", None) == "distill"):
+        from models.soundnet import with_teacher_weights
+
+        if not hasattr(mcfg, "teacher"):
+            raise ValueError(f"--teacher-weights applies to models with a visual teacher (soundnet), not {cfg.task}")
+        if not cfg.teacher_weights:
+            raise ValueError(f"--preset {cfg.preset} distills a frozen visual teacher: give --teacher-weights (the "
+                             "model.pt of a --preset tiny-teacher run, or a torchvision ResNet-18 classifier state dict)")
+        mcfg = with_teacher_weights(mcfg, os.path.abspath(cfg.teacher_weights))
     return mcfg
 
 
@@ -241,7 +254,7 @@ def run(cfg: TrainConfig) -> int:
     from ray.train.torch import TorchTrainer
 
     from jobs.data import clip_dataset, clip_files, clip_folder, keep_idle_workers, split_store, validation_videos
-    from jobs.placement import train_worker_resources
+    from jobs.placement import offered, train_worker_resources
     from jobs.tasks import get
     from pipelines.schema import numpy_batch
 
@@ -269,10 +282,13 @@ def run(cfg: TrainConfig) -> int:
         ds = pads.dataset(clip_files(data, fs), format="parquet", filesystem=fs)
         columns = [c for c in task.columns if c in ds.schema.names]
         ids = pads.dataset(data, format="parquet", filesystem=fs).to_table(columns=["video_id", "__filename"])
-        train_split, val_split = split_store(ids, validation_videos(ids.column("video_id"), cfg.val_fraction), fs)
+        train_split, val_split = split_store(ids, validation_videos(ids.column("video_id"), cfg.val_fraction), fs,
+                                             ds.schema)
         mcfg = task.fit(preset, lambda cols: numpy_batch(train_split.read([c for c in cols if c in ds.schema.names])))
         prepare = functools.partial(task.prepare, cfg=mcfg)
-        use_gpu = {"yes": True, "no": False}.get(cfg.use_gpu, ray.cluster_resources().get("GPU", 0) > 0)
+        # auto: GPUs when a node has them or the autoscaler may launch one (cluster.yaml's GPU workers
+        # start at min_workers 0), so the `train` marker never lands a CPU-only run on a GPU node
+        use_gpu = cfg.use_gpu == "yes" if cfg.use_gpu != "auto" else offered("GPU")
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"task": cfg.task, "model_config": mcfg, "epochs": cfg.epochs, "seed": cfg.seed,

@@ -370,6 +370,59 @@ def flickr_soundnet(metadata: str, root: str, patterns: Sequence[str], trimmed: 
     return b.out
 
 
+
+def _template_values(text: Any, where: str) -> list[str]:
+    """MUSIC-AVQA's `templ_values`: a Python-literal list as a string (e.g. "['cello', 'piano']"), or a list."""
+    import ast
+
+    values = ast.literal_eval(text) if isinstance(text, str) else text
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"templ_values is not a list ({where})")
+    return [str(v) for v in values]
+
+
+def music_avqa(metadata: str, root: str, patterns: Sequence[str], trimmed: bool = True,
+               strict: bool = False) -> DatasetManifest:
+    """MUSIC-AVQA (Li et al. CVPR 2022) `avqa-train.json` / `avqa-val.json` / `avqa-test.json`: a
+    list of {video_id, question_id, type: "['Audio-Visual', 'Counting']" (a Python literal),
+    question_content with `<Object>`-style placeholders, templ_values: "['cello']" (filling the
+    placeholders in order), anser (sic: the released key; `answer` is accepted too)}. -> one row
+    per video: music_avqa_id, qa: a JSON list of {question, answer, type ("Audio-Visual/Counting")}
+    by question_id. Questions with `question_deleted` set are left out."""
+    import re
+
+    try:
+        data = json.loads(Path(metadata).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{metadata}:{e.lineno}: not JSON: {e.msg}") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{metadata}: expected a JSON list of {{video_id, question_content, templ_values, anser, type}}")
+    b = _Builder("music-avqa", root, patterns, strict)
+    videos: dict[str, list[tuple[int, dict[str, str]]]] = {}
+    for i, a in enumerate(data):
+        where = f"{metadata}: [{i}]"
+        try:
+            if int(a.get("question_deleted", 0) or 0):
+                continue
+            values = _template_values(a.get("templ_values", "[]"), where)
+            slots = re.findall(r"<[^<>]+>", a["question_content"])
+            if len(slots) != len(values):
+                raise ValueError(f"{len(slots)} placeholder(s) but {len(values)} templ_values")
+            question = a["question_content"]
+            for slot, v in zip(slots, values):
+                question = question.replace(slot, v, 1)
+            answer = a["anser"] if "anser" in a else a["answer"]
+            kinds = _template_values(a.get("type", "[]"), where)
+            qa = {"question": question, "answer": str(answer), "type": "/".join(kinds) or "user"}
+            videos.setdefault(str(a["video_id"]), []).append((int(a.get("question_id", i)), qa))
+        except (KeyError, TypeError, ValueError, SyntaxError) as e:
+            b.skip(where, f"needs video_id, question_content, templ_values, anser, type: {e!r}")
+    for vid, qas in videos.items():
+        b.add(dict(ytid=vid, start=0, end=0, label="", split="", id=vid), music_avqa_id=vid,
+              qa=json.dumps([q for _, q in sorted(qas, key=lambda x: x[0])]))
+    return b.out
+
+
 Adapter = Callable[..., DatasetManifest]
 PATTERN_FIELDS = ("ytid", "start", "end", "label", "split", "id")
 
@@ -385,6 +438,8 @@ ADAPTERS: dict[str, tuple[Adapter, tuple[str, ...], bool]] = {
     "msrvtt": (msrvtt, ("{id}.mp4",), True),
     "vggss": (vggss, ("{id}.mp4",), True),
     "flickr_soundnet": (flickr_soundnet, ("{id}.mp4",), True),
+    # MUSIC-AVQA releases its videos as <video_id>.mp4 (e.g. 00000272.mp4)
+    "music-avqa": (music_avqa, ("{id}.mp4",), True),
 }
 
 

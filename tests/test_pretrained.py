@@ -64,10 +64,21 @@ def test_retrieval_finds_the_described_clip(heldout):
     assert m["shuffled_audio_to_video_r1"] <= 2 * m["chance_r1"], m  # sound from another clip finds nothing
 
 
+def test_question_answerer_needs_the_sound(heldout):
+    m = _scores(heldout, "vqa", 64)  # BENCHMARKS.md (seed 1): 0.779 with audio, 0.502 without
+    assert m["acc_av_sound"] >= 0.7 and m["acc_no_audio_sound"] <= m["acc_av_sound"] - 0.15, m
+    assert m["acc_question_only"] <= m["majority"] + 0.1, m  # the language prior alone wins nothing
+
+
+def test_sound_classifier_names_the_sounding_object_from_sound_alone(heldout):
+    m = _scores(heldout, "soundnet", 64)
+    assert m["student_acc"] >= 5 * m["chance"], m  # BENCHMARKS.md (seed 1): 0.717, 8.6x chance
+
+
 def test_checkpoints_say_how_they_were_made():
     from models.checkpoint import read_checkpoint
 
-    for task, px in (("localization", 96), ("separation", 96), ("captioning", 64), ("retrieval", 32)):
+    for task, px in (("localization", 96), ("separation", 96), ("captioning", 64), ("retrieval", 32), ("vqa", 64), ("soundnet", 64)):
         extra = read_checkpoint(CKPT / f"{task}.pt")["extra"]
         assert set(extra) == {"epoch", "clip_settings", "metrics", "exported"}, task
         assert extra["exported"]["trained_with"].startswith(f"avray train --task {task} ") and extra["clip_settings"]["size"] == px

@@ -481,8 +481,8 @@ def test_app_args_errors(tmp_path, monkeypatch):
         AppArgs.from_dict({"localization": str(tmp_path / "nope.pt")})
     with pytest.raises(ValueError, match=r"unknown serve args \['colour'\]"):
         AppArgs.from_dict({"colour": "red"})
-    with pytest.raises(ValueError, match="unknown task 'vqa'"):
-        AppArgs(checkpoints={"vqa": str(tmp_path / "m.pt")})
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        AppArgs(checkpoints={"nope": str(tmp_path / "m.pt")})
     (tmp_path / "m.pt").write_bytes(b"x")
     assert AppArgs.from_dict({"localization": str(tmp_path / "m.pt")}).batching == "auto"
     assert AppArgs.from_dict({"localization": str(tmp_path / "m.pt"), "batching": False}).batching == "no"

@@ -19,6 +19,8 @@ TASKS: dict[str, str] = {
     "separation": "jobs.tasks.separation",
     "captioning": "jobs.tasks.captioning",
     "retrieval": "jobs.tasks.retrieval",
+    "vqa": "jobs.tasks.vqa",
+    "soundnet": "jobs.tasks.soundnet",
 }
 
 
