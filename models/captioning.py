@@ -132,19 +132,9 @@ class Captioner(nn.Module):
         ordered frame-major then row-major over cells."""
         if frames.dim() == 4:
             frames = frames.unsqueeze(1)  # (B, 1, 3, H, W)
-        frames = frames[:, :: self.cfg.frame_stride]  # (B, ceil(T / k), 3, H, W)
-        B, T = frames.shape[:2]
-        if T > self.cfg.max_frames:
-            raise ValueError(f"{T} frames exceed max_frames={self.cfg.max_frames}")
-        grid = self.visual.forward_features(rearrange(frames, "b t c h w -> (b t) c h w"))  # (B*T, D, h, w)
-        h, w = grid.shape[-2:]
-        cells = rearrange(grid, "(b t) d h w -> b t (h w) d", b=B)  # (B, T, h*w, D)
-        ys = torch.linspace(-1.0, 1.0, h, device=grid.device, dtype=grid.dtype) if h > 1 else grid.new_zeros(1)
-        xs = torch.linspace(-1.0, 1.0, w, device=grid.device, dtype=grid.dtype) if w > 1 else grid.new_zeros(1)
-        coords = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (h, w, 2): (x, y) per cell
-        coords = rearrange(coords, "h w c -> (h w) c").expand(B, T, h * w, 2)  # (B, T, h*w, 2)
-        ann = self.cell_proj(torch.cat([cells, coords], dim=-1))  # (B, T, h*w, D')
-        ann = ann + self.time_embed.weight[:T, None, :]  # time embedding broadcast over cells
+        cells = self.visual.frame_cells(frames[:, :: self.cfg.frame_stride], self.cfg.max_frames)  # (B, T', h*w, D + 2)
+        ann = self.cell_proj(cells)  # (B, T', h*w, D')
+        ann = ann + self.time_embed.weight[:cells.shape[1], None, :]  # time embedding broadcast over cells
         return rearrange(ann, "b t p d -> b (t p) d")  # (B, T*h*w, D')
 
     def audio_embedding(self, logmel: torch.Tensor | None, batch: int) -> torch.Tensor:

@@ -155,6 +155,25 @@ class VisualEncoder(nn.Module):
         x = _run_resnet_trunk(self.trunk, x) if self.cfg.arch == "resnet18" else self.trunk(x)
         return self.proj(x)
 
+    def frame_cells(self, frames: torch.Tensor, max_frames: int) -> torch.Tensor:
+        """frames float (B, T, 3, H, W) in [0, 1] (or (B, 3, H, W): T = 1) -> every frame's grid
+        cells with their position: float (B, T, h*w, D + 2), row-major over cells, the last two
+        channels each cell's (x, y) in [-1, 1] (what attention over the grid needs to say where).
+        More than `max_frames` frames is a ValueError (a model's time embedding has that many)."""
+        if frames.dim() == 4:
+            frames = frames.unsqueeze(1)  # (B, 1, 3, H, W)
+        B, T = frames.shape[:2]
+        if T > max_frames:
+            raise ValueError(f"{T} frames exceed max_frames={max_frames}")
+        grid = self.forward_features(rearrange(frames, "b t c h w -> (b t) c h w"))  # (B*T, D, h, w)
+        h, w = grid.shape[-2:]
+        cells = rearrange(grid, "(b t) d h w -> b t (h w) d", b=B)  # (B, T, h*w, D)
+        ys = torch.linspace(-1.0, 1.0, h, device=grid.device, dtype=grid.dtype) if h > 1 else grid.new_zeros(1)
+        xs = torch.linspace(-1.0, 1.0, w, device=grid.device, dtype=grid.dtype) if w > 1 else grid.new_zeros(1)
+        coords = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (h, w, 2): (x, y) per cell
+        coords = rearrange(coords, "h w c -> (h w) c").expand(B, T, h * w, 2)  # (B, T, h*w, 2)
+        return torch.cat([cells, coords], dim=-1)
+
     def forward_head(self, grid: torch.Tensor) -> torch.Tensor:
         """grid: (B, D, h, w) -> (B, D) by global average pooling."""
         return grid.mean(dim=(-2, -1))

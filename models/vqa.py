@@ -132,19 +132,8 @@ class AVQuestionAnswerer(nn.Module):
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
         """frames float (B, T', 3, H, W) in [0, 1] (or (B, 3, H, W)) -> cells float (B, T'*h*w, D),
         frame-major then row-major."""
-        if frames.dim() == 4:
-            frames = frames.unsqueeze(1)  # (B, 1, 3, H, W)
-        B, T = frames.shape[:2]
-        if T > self.cfg.max_frames:
-            raise ValueError(f"{T} frames exceed max_frames={self.cfg.max_frames}")
-        grid = self.visual.forward_features(rearrange(frames, "b t c h w -> (b t) c h w"))  # (B*T, Dv, h, w)
-        h, w = grid.shape[-2:]
-        cells = rearrange(grid, "(b t) d h w -> b t (h w) d", b=B)  # (B, T, h*w, Dv)
-        ys = torch.linspace(-1.0, 1.0, h, device=grid.device, dtype=grid.dtype) if h > 1 else grid.new_zeros(1)
-        xs = torch.linspace(-1.0, 1.0, w, device=grid.device, dtype=grid.dtype) if w > 1 else grid.new_zeros(1)
-        coords = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (h, w, 2): (x, y) per cell
-        coords = rearrange(coords, "h w c -> (h w) c").expand(B, T, h * w, 2)  # (B, T, h*w, 2)
-        v = self.cell_proj(torch.cat([cells, coords], dim=-1)) + self.time_embed.weight[:T, None, :]  # (B, T, h*w, D)
+        cells = self.visual.frame_cells(frames, self.cfg.max_frames)  # (B, T, h*w, Dv + 2)
+        v = self.cell_proj(cells) + self.time_embed.weight[:cells.shape[1], None, :]  # (B, T, h*w, D)
         return rearrange(v, "b t p d -> b (t p) d")  # (B, P, D)
 
     def encode_audio(self, logmel: torch.Tensor) -> torch.Tensor:

@@ -77,20 +77,26 @@ def clip_caption(ground_truth: str | dict[str, Any], start_s: float, end_s: floa
     return caption(objs, gt["size"])
 
 
+def scene_of(ground_truth: str | dict[str, Any], parsed: dict[str, Any]) -> dict[str, Any]:
+    """A clip row's scene ground truth as a dict, its JSON parsed once per `parsed` cache (every
+    clip of a scene carries the same JSON: a batch parses it once)."""
+    if not isinstance(ground_truth, str):
+        return ground_truth
+    if ground_truth not in parsed:
+        parsed[ground_truth] = json.loads(ground_truth)
+    return parsed[ground_truth]
+
+
 def clip_captions_or_none(batch: dict[str, Any]) -> list[str | None]:
     """Caption of each clip row: from the scene ground truth for the clip's own span when the row
     has one (synthetic scenes), else the carried `caption` column (e.g. a dataset manifest), else None."""
     gts = batch.get("ground_truth")
     caps = batch.get("caption")
-    parsed: dict[str, Any] = {}  # every clip of a scene carries its JSON: parse it once per batch
+    parsed: dict[str, Any] = {}
     out: list[str | None] = []
     for i in range(len(batch["video_id"])):
         if gts is not None and gts[i] is not None:
-            gt = gts[i]
-            if isinstance(gt, str):
-                if gt not in parsed:
-                    parsed[gt] = json.loads(gt)
-                gt = parsed[gt]
+            gt = scene_of(gts[i], parsed)
             out.append(clip_caption(gt, float(batch["start_s"][i]), float(batch["end_s"][i])))
         else:
             out.append(str(caps[i]) if caps is not None and caps[i] is not None else None)

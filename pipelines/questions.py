@@ -36,6 +36,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pipelines.groundtruth import scene_of
 from pipelines.synth_audio import COLOURS, SHAPES
 
 MIN_SOUND_S = 0.25  # overlap with the clip that counts as sounding in it
@@ -150,12 +151,7 @@ def batch_questions(batch: dict[str, Any]) -> list[list[dict[str, str]]]:
         if qas is not None and qas[i] is not None:
             qs = parse_qa(qas[i])
         elif gts is not None and gts[i] is not None:
-            gt = gts[i]
-            if isinstance(gt, str):
-                if gt not in parsed:
-                    parsed[gt] = json.loads(gt)
-                gt = parsed[gt]
-            qs = clip_questions(gt, float(batch["start_s"][i]), float(batch["end_s"][i]), key)
+            qs = clip_questions(scene_of(gts[i], parsed), float(batch["start_s"][i]), float(batch["end_s"][i]), key)
         else:
             raise ValueError(f"clip of video {vid} has neither ground_truth nor qa")
         if len(qs) > MAX_QUESTIONS:
