@@ -253,16 +253,21 @@ def audioset(metadata: str, root: str, patterns: Sequence[str], trimmed: bool = 
     return b.out
 
 
+def _read_json(metadata: str) -> Any:
+    """A metadata file's JSON; ValueError naming the file and line when it is not JSON."""
+    try:
+        return json.loads(Path(metadata).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{metadata}:{e.lineno}: not JSON: {e.msg}") from None
+
+
 def msrvtt(metadata: str, root: str, patterns: Sequence[str], trimmed: bool = True,
            strict: bool = False) -> DatasetManifest:
     """MSR-VTT JSON (`train_val_videodatainfo.json` / `test_videodatainfo.json`): `videos` [{id,
     video_id, category, url, start time, end time, split}], `sentences` [{sen_id, video_id,
     caption}]. -> msrvtt_id, category, split, url, caption (the lowest sen_id's), captions (all, by
     sen_id), span. Positions in the error messages are `videos[i]` / `sentences[i]` (JSON has no lines)."""
-    try:
-        data = json.loads(Path(metadata).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{metadata}:{e.lineno}: not JSON: {e.msg}") from None
+    data = _read_json(metadata)
     if not (isinstance(data, dict) and isinstance(data.get("videos"), list)
             and isinstance(data.get("sentences"), list)):
         raise ValueError(f"{metadata}: expected an object with 'videos' and 'sentences' arrays")
@@ -298,10 +303,7 @@ def vggss(metadata: str, root: str, patterns: Sequence[str], trimmed: bool = Tru
     """VGG-SS `vggss.json`: a list of {file: `<ytid>_<start:06d>`, class, bbox: [[x0, y0, x1, y1],
     ...] normalised}. -> vggss_file, label (its class), gt_boxes (votes 1: any box counts; the
     annotated frame at VGGSS_BOX_TIME_S of the 10 s clip, or of the segment when untrimmed)."""
-    try:
-        data = json.loads(Path(metadata).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{metadata}:{e.lineno}: not JSON: {e.msg}") from None
+    data = _read_json(metadata)
     if not isinstance(data, list):
         raise ValueError(f"{metadata}: expected a JSON list of {{file, class, bbox}}")
     b = _Builder("vggss", root, patterns, strict)
@@ -391,10 +393,7 @@ def music_avqa(metadata: str, root: str, patterns: Sequence[str], trimmed: bool 
     by question_id. Questions with `question_deleted` set are left out."""
     import re
 
-    try:
-        data = json.loads(Path(metadata).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{metadata}:{e.lineno}: not JSON: {e.msg}") from None
+    data = _read_json(metadata)
     if not isinstance(data, list):
         raise ValueError(f"{metadata}: expected a JSON list of {{video_id, question_content, templ_values, anser, type}}")
     b = _Builder("music-avqa", root, patterns, strict)

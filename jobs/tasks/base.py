@@ -247,6 +247,16 @@ def joined(items: list[dict[str, Any]], key: str) -> tuple[torch.Tensor, list[in
     return torch.cat(parts), [len(p) for p in parts]
 
 
+def per_item(rows: Any, counts: Iterable[int]) -> list[Any]:
+    """Rows of several items run together (concatenated, item by item) -> one slice per item,
+    `counts` rows each."""
+    out, start = [], 0
+    for n in counts:
+        out.append(rows[start:start + n])
+        start += n
+    return out
+
+
 def chunked(fn: Callable[..., Any], max_rows: int, *xs: torch.Tensor | None) -> Any:
     """fn over row chunks (at most max_rows) of xs (None passes through as None), the outputs put
     back together: tensors or tuples of tensors concatenated, lists joined."""

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.tasks.base import (Answer, CaptionVocabulary, Option, Route, Task, channels_first, chunked, save_figure,
-                             to_model)
+from jobs.tasks.base import (Answer, CaptionVocabulary, Option, Route, Task, channels_first, chunked, per_item,
+                             save_figure, to_model)
 from models.captioning import PRESETS, Captioner, CaptioningConfig, caption_loss
 from models.text import PAD, decode, encode_batch
 from models.caption_metrics import bleu4, cider, sounding_object_accuracy
@@ -126,10 +126,8 @@ class Captioning(CaptionVocabulary, Task):
             frames = torch.cat([torch.from_numpy(items[i]["frames"]) for i in idx])  # uint8 (n, T, 3, H, W)
             mel = None if silent else torch.cat([torch.from_numpy(items[i]["logmel"]) for i in idx])  # (n, M, N)
             caps = chunked(lambda f, m: run(beam, f, m), self.max_rows, frames, mel)
-            start = 0
-            for i in idx:
-                n = len(items[i]["frames"])
-                results[i], start = caps[start:start + n], start + n
+            for i, clips in zip(idx, per_item(caps, (len(items[i]["frames"]) for i in idx))):
+                results[i] = clips
         return results
 
     def answer(self, result, meta, options) -> Answer:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from jobs.tasks.base import Answer, Option, Route, RequestError, Task, channels_first, chunked, save_figure, to_model
+from jobs.tasks.base import Answer, Option, Route, RequestError, Task, channels_first, chunked, per_item, save_figure, to_model
 from models.text import PAD, _index, build_vocab, encode, tokenize
 from models.vqa import NO_ANSWER, PRESETS, UNKNOWN_ANSWER, AVQuestionAnswerer, VQAConfig, vqa_loss
 from pipelines.clipsettings import ClipSettings
@@ -223,10 +223,8 @@ class QuestionAnswering(Task):
                 return model(x["frames"], x.get("logmel"), x["questions"])["logits"][:, 0].float().softmax(-1).cpu()
 
             probs = chunked(run, self.max_rows, frames, mel, qs).numpy()  # (n, A)
-            start = 0
-            for i in idx:
-                n = len(items[i]["frames"])
-                results[i], start = probs[start:start + n], start + n
+            for i, clips in zip(idx, per_item(probs, (len(items[i]["frames"]) for i in idx))):
+                results[i] = clips
         return results
 
     def answer(self, result, meta, options) -> Answer:
